@@ -1,0 +1,28 @@
+# Two commands on a fresh machine:  make train  (set-up, data, the default run)  and  make test.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+ARGS   ?=
+
+.PHONY: train test bench lint clean
+
+# The venv is rebuilt only when a requirements file changes.
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	$(PY) -m ipykernel install --prefix $(VENV) --name python3 > /dev/null
+	touch $@
+
+train: $(VENV)/.installed  ## fetch MNIST, train with the defaults, write metrics and plots to runs/
+	$(PY) train.py $(ARGS)
+
+test: $(VENV)/.installed  ## lint, then the test suite (CPU only; fetches real MNIST once)
+	$(PY) -m ruff check .
+	$(PY) -m pytest $(ARGS)
+
+bench: $(VENV)/.installed  ## throughput of the classic and fast pipelines
+	$(PY) bench.py $(ARGS)
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache
