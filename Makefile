@@ -9,9 +9,7 @@ ARGS   ?=
 # The venv is rebuilt only when a requirements file changes.
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements-dev.txt
-	$(PY) -m ipykernel install --prefix $(VENV) --name python3 > /dev/null
 	touch $@
 
 train: $(VENV)/.installed  ## fetch MNIST, train with the defaults, write metrics and plots to runs/

@@ -144,7 +144,7 @@ def main(argv=None):
     try:
         utils.fit(model, device, train_loader, test_loader, optimizer, scheduler, criterion, recipe.epochs,
                   history, start_epoch, amp_dtype, on_epoch_end, args.progress)
-    except utils.TrainingDiverged as e:
+    except utils.TrainingDivergedError as e:
         kept = f"; the last good epoch is in {out / 'last.pt'}" if (out / "last.pt").exists() else ""
         print(f"error: {e} (try --lr below {recipe.lr:g}){kept}", file=sys.stderr)
         raise SystemExit(1) from None

@@ -22,7 +22,7 @@ import subprocess
 import tarfile
 import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -419,7 +419,7 @@ LOSSES = {"nll_loss": F.nll_loss, "cross_entropy": F.cross_entropy}
 SCHEDULERS = ("StepLR", "OneCycleLR")
 
 
-class TrainingDiverged(FloatingPointError):
+class TrainingDivergedError(FloatingPointError):
     """The training loss became NaN or infinite."""
 
 
@@ -516,7 +516,7 @@ def train(model, device, train_loader, optimizer, criterion, train_losses, train
     """One training epoch; appends the epoch's mean loss and accuracy (%) to the lists given.
 
     `scheduler`, when given, is stepped after every batch (OneCycleLR); epoch-wise schedulers are
-    stepped by the caller. Raises TrainingDiverged as soon as the loss is NaN or infinite.
+    stepped by the caller. Raises TrainingDivergedError as soon as the loss is NaN or infinite.
     """
     model.train()
     loss_sum = torch.zeros((), device=device)
@@ -544,7 +544,7 @@ def train(model, device, train_loader, optimizer, criterion, train_losses, train
         if batch_idx % REFRESH_EVERY == 0 or batch_idx == len(train_loader) - 1:
             mean_loss = loss_sum.item() / processed
             if not math.isfinite(mean_loss):
-                raise TrainingDiverged(
+                raise TrainingDivergedError(
                     f"training diverged: loss is {mean_loss} at batch {batch_idx}; lower the learning rate")
             pbar.set_description(f"Train: Loss={loss.item():0.4f} Batch_id={batch_idx} "
                                  f"Accuracy={100 * correct.item() / processed:0.2f}")
@@ -728,7 +728,7 @@ def load_checkpoint(path, model=None, map_location="cpu"):
 # =============================================================================================
 
 def _denormalise(images):
-    return (images.detach().float().cpu() * STD + MEAN).clamp(0, 1)
+    return (images.detach().float().cpu() * STD + MEAN).clamp(0, 1).numpy()
 
 
 def save_figure(fig, path):
@@ -768,7 +768,7 @@ def post_accuracyplots(train_losses, test_losses, train_acc, test_acc, save_path
     return fig
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: the returned images stay usable with autograd
 def predict_loader(model, loader, device, amp_dtype=None, keep_images=False):
     """Log-probabilities and labels for every sample of `loader` (and the images, if asked)."""
     model.eval()
@@ -802,7 +802,7 @@ def misclassified(model, loader, device, k=16, amp_dtype=None):
 def plot_confusion_matrix(cm, save_path=None):
     cm = torch.as_tensor(cm)
     fig, ax = plt.subplots(figsize=(7, 6))
-    im = ax.imshow(cm.float().log1p(), cmap="Blues")  # log colour scale, so the few mistakes show
+    im = ax.imshow(cm.float().log1p().numpy(), cmap="Blues")  # log colour scale, so the few mistakes show
     for (i, j), v in np.ndenumerate(cm.numpy()):
         ax.text(j, i, str(v), ha="center", va="center", fontsize=8,
                 color="white" if i == j else "black")
@@ -897,7 +897,8 @@ def load_digit(path):
     except UnidentifiedImageError:
         raise ImageInputError("not an image PIL can read (PNG, JPEG or BMP expected)") from None
     except (OSError, SyntaxError, Image.DecompressionBombError) as e:
-        raise ImageInputError(f"cannot read it ({e.strerror if isinstance(e, OSError) and e.strerror else e})") from None
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else e
+        raise ImageInputError(f"cannot read it ({reason})") from None
 
 
 def expand_image_paths(paths):

@@ -1,0 +1,111 @@
+import math
+
+import pytest
+import torch
+
+import utils
+
+
+@pytest.fixture(scope="module")
+def real_train(mnist_root):
+    ds = utils.get_mnist_dataset(True, mnist_root)
+    return ds.data[:1000], ds.targets[:1000]
+
+
+def make(images, labels, **kw):
+    return utils.FastMNISTLoader(images, labels, device="cpu", **{"batch_size": 128, "seed": 3, **kw})
+
+
+def test_shapes_dtypes_and_len(real_train):
+    loader = make(*real_train, shuffle=True, augment=True)
+    batches = list(loader)
+    assert len(loader) == len(batches) == math.ceil(1000 / 128)
+    x, y = batches[0]
+    assert x.shape == (128, 1, 28, 28) and x.dtype == torch.float32 and y.dtype == torch.int64
+    assert batches[-1][0].shape[0] == 1000 - 7 * 128
+    assert loader.batch_size == 128 and len(loader.dataset) == 1000
+    assert len(make(*real_train, drop_last=True)) == 7
+
+
+def test_normalisation_matches_torchvision_transforms(mnist_root):
+    ds = utils.get_mnist_dataset(False, mnist_root, transform=utils.get_test_transforms())
+    loader = utils.get_MNISTdataset_with_loader("test", {"batch_size": 10}, data_dir=mnist_root, device="cpu")
+    x, y = next(iter(loader))
+    for i in range(10):
+        ref_x, ref_y = ds[i]
+        torch.testing.assert_close(x[i], ref_x)
+        assert y[i].item() == ref_y
+    assert len(loader.dataset) == 10_000
+
+
+def test_every_sample_once_per_epoch_with_labels_aligned(real_train):
+    images, labels = real_train
+    loader = make(images, labels, shuffle=True)
+    key = {bytes(img.numpy()): int(lbl) for img, lbl in zip(images, labels)}
+    seen = []
+    for x, y in loader:
+        raw = ((x * utils.STD + utils.MEAN) * 255).round().to(torch.uint8).squeeze(1)
+        for img, lbl in zip(raw, y):
+            assert key[bytes(img.numpy())] == int(lbl)  # the label travelled with its image
+            seen.append(bytes(img.numpy()))
+    assert len(seen) == 1000 and len(set(seen)) == len(set(key))
+
+
+def test_shuffle_order_changes_between_epochs_and_not_without_shuffle(real_train):
+    loader = make(*real_train, shuffle=True)
+    first, second = (torch.cat([y for _, y in loader]) for _ in range(2))
+    assert not torch.equal(first, second) and torch.equal(first.sort().values, second.sort().values)
+    plain = make(*real_train)
+    assert torch.equal(torch.cat([y for _, y in plain]), real_train[1])
+
+
+def test_same_seed_same_batches_and_set_epoch_replays(real_train):
+    a, b = make(*real_train, shuffle=True, augment=True), make(*real_train, shuffle=True, augment=True)
+    for (xa, ya), (xb, yb) in zip(a, b):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    epoch1 = [x for x, _ in a]
+    a.set_epoch(1)
+    assert all(torch.equal(x, y) for x, y in zip(epoch1, (x for x, _ in a)))
+    other = make(*real_train, shuffle=True, augment=True, seed=4)
+    assert not torch.equal(next(iter(other))[1], next(iter(make(*real_train, shuffle=True)))[1])
+
+
+def orientation_degrees(images):
+    """Principal-axis angle of each image's ink, from second moments (0 = vertical)."""
+    n = images.shape[0]
+    ys, xs = torch.meshgrid(torch.arange(28.0), torch.arange(28.0), indexing="ij")
+    w = images.reshape(n, 28, 28).clamp(min=0)
+    total = w.sum((1, 2))
+    my, mx = (w * ys).sum((1, 2)) / total, (w * xs).sum((1, 2)) / total
+    dy, dx = ys - my.view(n, 1, 1), xs - mx.view(n, 1, 1)
+    cyy, cxx, cxy = (w * dy * dy).sum((1, 2)), (w * dx * dx).sum((1, 2)), (w * dx * dy).sum((1, 2))
+    return torch.rad2deg(0.5 * torch.atan2(2 * cxy, cyy - cxx))
+
+
+def test_augmentation_varies_and_stays_within_15_degrees():
+    bar = torch.zeros(512, 1, 28, 28)
+    bar[:, :, 4:24, 13:15] = 1.0  # a vertical stroke
+    gen = torch.Generator().manual_seed(0)
+    angles, zooms = utils.sample_augmentation(512, gen, "cpu")
+    assert angles.abs().max() <= 15 and angles.std() > 5
+    assert 0.05 < (zooms < 1).float().mean() < 0.16
+    assert zooms.unique().tolist() == pytest.approx([22 / 28, 1.0])
+    out = utils.affine_batch(bar, angles, zooms)
+    measured = orientation_degrees(out)
+    assert measured.abs().max() < 16.5  # within ±15° (plus interpolation error)
+    assert measured.std() > 5  # and it really rotates
+    torch.testing.assert_close(measured.abs(), angles.abs(), atol=1.5, rtol=0)
+    zoomed = out[zooms < 1].sum((1, 2, 3)).mean() / out[zooms == 1].sum((1, 2, 3)).mean()
+    assert zoomed.item() == pytest.approx((28 / 22) ** 2, rel=0.1)  # crop-22-and-resize enlarges the ink
+
+
+def test_identity_warp_leaves_images_unchanged(real_train):
+    x = real_train[0][:8].unsqueeze(1).float() / 255
+    out = utils.affine_batch(x, torch.zeros(8), torch.ones(8))
+    torch.testing.assert_close(out, x, atol=1e-5, rtol=0)
+
+
+def test_augmented_batches_differ_from_plain_ones(real_train):
+    plain = next(iter(make(*real_train)))[0]
+    augmented = next(iter(make(*real_train, augment=True)))[0]
+    assert (plain - augmented).abs().mean() > 0.05
