@@ -29,6 +29,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
 from torch.overrides import TorchFunctionMode
 from torch.utils.data import DataLoader, Subset, TensorDataset
 from torchvision import datasets, transforms
@@ -842,6 +843,15 @@ class ImageInputError(ValueError):
     """An image file cannot be turned into a digit; the message says why."""
 
 
+def _on_white(image):
+    """Transparent pixels become white paper (a digit drawn on a transparent canvas is dark on light)."""
+
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
+    return image
+
+
 def preprocess_digit(image):
     """A PIL image of one digit -> normalised (1, 28, 28) tensor, made the way MNIST was made.
 
@@ -849,12 +859,8 @@ def preprocess_digit(image):
     ink's bounding box; fitted into 20x20 keeping the aspect ratio; pasted into 28x28 so that the
     centre of mass sits at the centre; normalised with the training mean and std.
     """
-    from PIL import Image
 
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")  # transparent background counts as white paper
-        image = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
-    gray = np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+    gray = np.asarray(_on_white(image).convert("L"), dtype=np.float32) / 255.0
     border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
     background = float(np.median(border))
     ink = background - gray if background > 0.5 else gray - background
@@ -882,7 +888,6 @@ def preprocess_digit(image):
 
 def load_digit(path):
     """Open an image file as a preprocessed digit tensor; ImageInputError says what is wrong."""
-    from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
     try:
@@ -939,7 +944,6 @@ def predict_digits(model, paths, device=None):
 
 def plot_predictions(results, save_path=None):
     """Each readable image next to the 28x28 digit the model saw, titled with its prediction."""
-    from PIL import Image
 
     ok = [r for r in results if r["error"] is None]
     fig, axes = plt.subplots(max(1, len(ok)), 2, figsize=(4, 2 * max(1, len(ok))), squeeze=False)
@@ -947,7 +951,7 @@ def plot_predictions(results, save_path=None):
         ax.axis("off")
     for (left, right), r in zip(axes, ok):
         with Image.open(r["path"]) as image:
-            left.imshow(image.convert("RGB"))
+            left.imshow(_on_white(image).convert("RGB"))
         left.set_title(Path(r["path"]).name, fontsize=8)
         right.imshow(_denormalise(r["input"]).squeeze(0), cmap="gray")
         right.set_title(f"{r['digit']} ({r['probability']:.0%}), then {r['runner_up']}", fontsize=8)

@@ -2,10 +2,9 @@
 import os
 
 import nbformat
+from conftest import REPO
 from nbclient import NotebookClient
 from PIL import Image
-
-from conftest import REPO
 
 
 def test_notebook_runs_end_to_end(mnist_root, tmp_path, monkeypatch):
@@ -19,7 +18,7 @@ def test_notebook_runs_end_to_end(mnist_root, tmp_path, monkeypatch):
     monkeypatch.setenv("S5_TRAIN_SUBSET", "2048")
     monkeypatch.setenv("S5_DATA_DIR", str(mnist_root))
     monkeypatch.setenv("S5_MY_DIGITS", str(digits))
-    monkeypatch.setenv("MPLBACKEND", "Agg")
+    monkeypatch.delenv("MPLBACKEND", raising=False)  # the kernel uses its inline backend, as in Jupyter
     monkeypatch.chdir(tmp_path)  # the notebook writes runs/notebook/ here, not into the repo
     monkeypatch.setenv("PYTHONPATH", str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
 

@@ -1,0 +1,163 @@
+"""Throughput of the classic and the fast pipeline, side by side in one run on one machine.
+
+    python bench.py                    # training and evaluation img/s, ratios
+    python bench.py --time-to-target   # also: the fast recipe's wall-clock time to 99.3% (runs train.py)
+
+Training: the same Net and SGD step, fed by (1) the classic torchvision DataLoader with per-image PIL
+augmentation, 2 workers, fp32, as in the original notebook; (2) the fast tensor loader in fp32;
+(3) the fast loader with mixed precision (bf16 autocast where the hardware has it) and channels_last.
+Prints a table and, last, one JSON line with every figure and the machine.
+"""
+
+import argparse
+import csv
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import utils
+from model import Net
+
+
+def cpu_model():
+    with open("/proc/cpuinfo") if os.path.exists("/proc/cpuinfo") else open(os.devnull) as f:
+        for line in f:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def throughput(loader, step, batches, warmup=3):
+    """Images per second over `batches` batches of `loader` after `warmup` untimed ones."""
+    it = iter(loader)
+    for _ in range(warmup):
+        step(*next(it))
+    seen, start = 0, time.perf_counter()
+    for _ in range(batches):
+        try:
+            data, target = next(it)
+        except StopIteration:
+            it = iter(loader)
+            data, target = next(it)
+        step(data, target)
+        seen += len(target)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return seen / (time.perf_counter() - start)
+
+
+def train_step_fn(model, device, amp_dtype):
+    optimizer = utils.get_optimizer(model, "SGD", 0.01, 0.9)
+
+    def step(data, target):
+        data, target = data.to(device, non_blocking=True), target.to(device, non_blocking=True)
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            loss = torch.nn.functional.nll_loss(model(data), target)
+        loss.backward()
+        optimizer.step()
+    return step
+
+
+def eval_step_fn(model, device, amp_dtype):
+    model.eval()
+
+    @torch.inference_mode()
+    def step(data, target):
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            model(data.to(device, non_blocking=True)).argmax(1).eq(target.to(device)).sum().item()
+    return step
+
+
+def time_to_target(target, data_dir):
+    """Run `train.py --recipe fast` and return (seconds to reach target %, accuracy then, final)."""
+    with tempfile.TemporaryDirectory() as out:
+        cmd = [sys.executable, str(Path(__file__).with_name("train.py")), "--recipe", "fast", "--no-progress",
+               "--data-dir", str(data_dir), "--out", out + "/run"]
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        with open(out + "/run/metrics.csv") as f:
+            rows = list(csv.DictReader(f))
+    hit = next((r for r in rows if float(r["test_acc"]) >= target), None)
+    return (float(hit["elapsed_seconds"]) if hit else None,
+            float(hit["test_acc"]) if hit else None, float(rows[-1]["test_acc"]), float(rows[-1]["elapsed_seconds"]))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--batch-size", type=int, default=512, help="training batch size (the original's)")
+    p.add_argument("--batches", type=int, default=20, help="timed training batches per pipeline")
+    p.add_argument("--device", default="auto", help="cuda, cpu, or auto")
+    p.add_argument("--data-dir", default=str(utils.DATA_DIR), help="MNIST root")
+    p.add_argument("--workers", type=int, default=2, help="classic DataLoader workers (the original's 2)")
+    p.add_argument("--time-to-target", action="store_true", help="also time the fast recipe to --target")
+    p.add_argument("--target", type=float, default=99.3, help="test accuracy (%%) for --time-to-target")
+    args = p.parse_args(argv)
+
+    device = utils.get_device(args.device)
+    amp_dtype = utils.amp_dtype_for(device, True)
+    utils.ensure_mnist(args.data_dir)
+    # Not persistent: the workers stop when a timing ends, instead of prefetching during the next one.
+    classic_kw = {"batch_size": args.batch_size, "shuffle": True, "num_workers": args.workers, "pin_memory": True,
+                  "persistent_workers": False}
+    fast_kw = {"batch_size": args.batch_size, "shuffle": True}
+    get = utils.get_MNISTdataset_with_loader
+
+    def fresh_model(channels_last):
+        torch.manual_seed(0)
+        model = Net().to(device)
+        return model.to(memory_format=torch.channels_last) if channels_last else model
+
+    rows = []  # (name, pipeline, precision, img/s)
+    train_fast = get("train", fast_kw, "fast", args.data_dir, device)
+    train_classic = get("train", classic_kw, "classic", args.data_dir)
+    runs = [("train", "classic DataLoader", None, False, train_classic),
+            ("train", "fast loader", None, False, train_fast),
+            ("train", "fast loader", None, True, train_fast),
+            ("train", "fast loader", amp_dtype, True, train_fast)]
+    for kind, pipeline, dtype, cl, loader in runs:
+        step = train_step_fn(fresh_model(cl), device, dtype)
+        rows.append((kind, pipeline, dtype, cl, throughput(loader, step, args.batches)))
+        print(f"{kind:<6}{pipeline:<20}{str(dtype or 'fp32'):<16}{'channels_last' if cl else 'contiguous':<15}"
+              f"{rows[-1][-1]:>8.0f} img/s", flush=True)
+
+    eval_batches = max(1, 10_000 // 1000)
+    test_classic = get("test", {**classic_kw, "batch_size": 1000, "shuffle": False}, "classic", args.data_dir)
+    test_fast = get("test", {"batch_size": 1000}, "fast", args.data_dir, device)
+    for pipeline, dtype, cl, loader in [("classic DataLoader", None, False, test_classic),
+                                        ("fast loader", amp_dtype, True, test_fast)]:
+        step = eval_step_fn(fresh_model(cl), device, dtype)
+        rows.append(("eval", pipeline, dtype, cl, throughput(loader, step, eval_batches, warmup=1)))
+        print(f"{'eval':<6}{pipeline:<20}{str(dtype or 'fp32'):<16}{'channels_last' if cl else 'contiguous':<15}"
+              f"{rows[-1][-1]:>8.0f} img/s", flush=True)
+
+    figures = {f"{k}_{'classic' if 'classic' in p else 'fast'}_{'fp32' if d is None else str(d)[6:]}"
+               f"{'_cl' if cl else ''}_img_s": round(v, 1) for k, p, d, cl, v in rows}
+    classic_train, classic_eval = rows[0][-1], rows[4][-1]
+    figures["train_speedup_fast_fp32"] = round(rows[1][-1] / classic_train, 2)
+    figures["train_speedup_fast_amp"] = round(rows[3][-1] / classic_train, 2)
+    figures["eval_speedup_fast_amp"] = round(rows[5][-1] / classic_eval, 2)
+    print(f"\ntraining speed-up, fast loader fp32 vs classic: {figures['train_speedup_fast_fp32']:.2f}x")
+    print(f"training speed-up, fast loader + {str(amp_dtype)[6:]} + channels_last vs classic: "
+          f"{figures['train_speedup_fast_amp']:.2f}x")
+    print(f"evaluation speed-up, fast vs classic: {figures['eval_speedup_fast_amp']:.2f}x")
+    if args.time_to_target:
+        seconds, acc, final, total = time_to_target(args.target, args.data_dir)
+        figures.update(fast_recipe_seconds_to_target=seconds, fast_recipe_acc_at_target=acc,
+                       fast_recipe_final_acc=final, fast_recipe_total_seconds=total, target=args.target)
+        print(f"fast recipe: {args.target}% after {seconds} s (final {final}% at {total} s)")
+    machine = {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
+               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+               "batch_size": args.batch_size}
+    print(json.dumps({**figures, **machine}))
+
+
+if __name__ == "__main__":
+    main()
