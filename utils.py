@@ -699,7 +699,7 @@ def load_checkpoint(path, model=None, map_location="cpu"):
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises several types for the same kinds of damage
         msg = str(e)
-        if "Unsupported global" in msg:  # a pickled class or function: it could be arbitrary code
+        if "unsupported global" in msg.lower():  # a pickled class or function: it could be arbitrary code
             raise CheckpointError(
                 f"refusing to load {path}: it holds pickled Python objects that could run code, not just "
                 "weights; only use checkpoints written by train.py from a source you trust") from None
