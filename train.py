@@ -107,7 +107,7 @@ def main(argv=None):
     test_kwargs = {**kwargs, "shuffle": False}
     if args.loader == "fast":
         kwargs = {"batch_size": recipe.batch_size, "shuffle": True}
-        test_kwargs = {"batch_size": 1024, "shuffle": False}  # evaluation needs no small batches
+        test_kwargs = {"batch_size": 256, "shuffle": False}  # fastest evaluation batch on a 2-core CPU
     try:
         train_loader = utils.get_MNISTdataset_with_loader("train", kwargs, args.loader, args.data_dir, device,
                                                           subset=args.train_subset, seed=args.seed)

@@ -480,7 +480,7 @@ class Recipe:
 
 RECIPES = {
     "seed": Recipe("seed", epochs=20, batch_size=512, lr=0.01),
-    "fast": Recipe("fast", epochs=3, batch_size=128, lr=0.05, weight_decay=5e-4, nesterov=True,
+    "fast": Recipe("fast", epochs=2, batch_size=128, lr=0.15, weight_decay=5e-4, nesterov=True,
                    scheduler="OneCycleLR"),
 }
 
