@@ -115,39 +115,40 @@ def main(argv=None):
         model = Net().to(device)
         return model.to(memory_format=torch.channels_last) if channels_last else model
 
-    rows = []  # (name, pipeline, precision, img/s)
+    def report(kind, key, pipeline, dtype, channels_last, loader, step_fn, batches, warmup):
+        step = step_fn(fresh_model(channels_last), device, dtype)
+        figures[f"{kind}_{key}_img_s"] = round(throughput(loader, step, batches, warmup), 1)
+        layout = "channels_last" if channels_last else "contiguous"
+        print(f"{kind:<6}{pipeline:<20}{str(dtype or 'fp32'):<16}{layout:<15}"
+              f"{figures[f'{kind}_{key}_img_s']:>8.0f} img/s", flush=True)
+
+    figures = {}
     train_fast = get("train", fast_kw, "fast", args.data_dir, device)
     train_classic = get("train", classic_kw, "classic", args.data_dir)
-    runs = [("train", "classic DataLoader", None, False, train_classic),
-            ("train", "fast loader", None, False, train_fast),
-            ("train", "fast loader", None, True, train_fast),
-            ("train", "fast loader", amp_dtype, True, train_fast)]
-    for kind, pipeline, dtype, cl, loader in runs:
-        step = train_step_fn(fresh_model(cl), device, dtype)
-        rows.append((kind, pipeline, dtype, cl, throughput(loader, step, args.batches)))
-        print(f"{kind:<6}{pipeline:<20}{str(dtype or 'fp32'):<16}{'channels_last' if cl else 'contiguous':<15}"
-              f"{rows[-1][-1]:>8.0f} img/s", flush=True)
+    for key, pipeline, dtype, cl, loader in [
+            ("classic_fp32", "classic DataLoader", None, False, train_classic),
+            ("fast_fp32", "fast loader", None, False, train_fast),
+            ("fast_fp32_cl", "fast loader", None, True, train_fast),
+            ("fast_amp", "fast loader", amp_dtype, False, train_fast),
+            ("fast_amp_cl", "fast loader", amp_dtype, True, train_fast)]:
+        report("train", key, pipeline, dtype, cl, loader, train_step_fn, args.batches, 3)
 
-    eval_batches = max(1, 10_000 // 1000)
-    test_classic = get("test", {**classic_kw, "batch_size": 1000, "shuffle": False}, "classic", args.data_dir)
-    test_fast = get("test", {"batch_size": 1000}, "fast", args.data_dir, device)
-    for pipeline, dtype, cl, loader in [("classic DataLoader", None, False, test_classic),
-                                        ("fast loader", amp_dtype, True, test_fast)]:
-        step = eval_step_fn(fresh_model(cl), device, dtype)
-        rows.append(("eval", pipeline, dtype, cl, throughput(loader, step, eval_batches, warmup=1)))
-        print(f"{'eval':<6}{pipeline:<20}{str(dtype or 'fp32'):<16}{'channels_last' if cl else 'contiguous':<15}"
-              f"{rows[-1][-1]:>8.0f} img/s", flush=True)
+    test_classic = get("test", {**classic_kw, "batch_size": 256, "shuffle": False}, "classic", args.data_dir)
+    test_fast = get("test", {"batch_size": 256}, "fast", args.data_dir, device)
+    for key, pipeline, dtype, cl, loader in [("classic_fp32", "classic DataLoader", None, False, test_classic),
+                                             ("fast_amp_cl", "fast loader", amp_dtype, True, test_fast)]:
+        report("eval", key, pipeline, dtype, cl, loader, eval_step_fn, len(loader) - 1, 1)  # the whole test set
 
-    figures = {f"{k}_{'classic' if 'classic' in p else 'fast'}_{'fp32' if d is None else str(d)[6:]}"
-               f"{'_cl' if cl else ''}_img_s": round(v, 1) for k, p, d, cl, v in rows}
-    classic_train, classic_eval = rows[0][-1], rows[4][-1]
-    figures["train_speedup_fast_fp32"] = round(rows[1][-1] / classic_train, 2)
-    figures["train_speedup_fast_amp"] = round(rows[3][-1] / classic_train, 2)
-    figures["eval_speedup_fast_amp"] = round(rows[5][-1] / classic_eval, 2)
+    def ratio(fast, classic):
+        return round(figures[fast] / figures[classic], 2)
+
+    figures["train_speedup_fast_fp32"] = ratio("train_fast_fp32_img_s", "train_classic_fp32_img_s")
+    figures["train_speedup_fast_amp_cl"] = ratio("train_fast_amp_cl_img_s", "train_classic_fp32_img_s")
+    figures["eval_speedup_fast_amp_cl"] = ratio("eval_fast_amp_cl_img_s", "eval_classic_fp32_img_s")
     print(f"\ntraining speed-up, fast loader fp32 vs classic: {figures['train_speedup_fast_fp32']:.2f}x")
     print(f"training speed-up, fast loader + {str(amp_dtype)[6:]} + channels_last vs classic: "
-          f"{figures['train_speedup_fast_amp']:.2f}x")
-    print(f"evaluation speed-up, fast vs classic: {figures['eval_speedup_fast_amp']:.2f}x")
+          f"{figures['train_speedup_fast_amp_cl']:.2f}x")
+    print(f"evaluation speed-up, fast + {str(amp_dtype)[6:]} vs classic: {figures['eval_speedup_fast_amp_cl']:.2f}x")
     if args.time_to_target:
         seconds, acc, final, total = time_to_target(args.target, args.data_dir)
         figures.update(fast_recipe_seconds_to_target=seconds, fast_recipe_acc_at_target=acc,

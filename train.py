@@ -135,7 +135,7 @@ def main(argv=None):
     def on_epoch_end(epoch, hist):
         hist["elapsed_seconds"].append(elapsed_before + time.perf_counter() - started)  # data loading included
         utils.save_checkpoint(out / "last.pt", model, optimizer, scheduler, epoch, hist, run_args)
-        if hist["test_acc"][-1] >= max(hist["test_acc"]):
+        if hist["test_acc"][-1] > max(hist["test_acc"][:-1], default=-1.0):  # improved
             utils.save_checkpoint(out / "best.pt", model, optimizer, scheduler, epoch, hist, run_args)
         write_metrics(out / "metrics.csv", hist)
         plt.close(utils.post_accuracyplots(hist["train_losses"], hist["test_losses"], hist["train_acc"],

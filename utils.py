@@ -65,16 +65,19 @@ def raw_dir(root=None):
     return Path(root if root is not None else DATA_DIR) / "MNIST" / "raw"
 
 
-def file_md5(path, _cache={}):  # noqa: B006 - deliberate per-process cache keyed by file identity
+_MD5_CACHE = {}  # (path, size, mtime) -> md5: each loader checks the files; hash each version once
+
+
+def file_md5(path):
     stat = os.stat(path)
     key = (str(path), stat.st_size, stat.st_mtime_ns)
-    if key not in _cache:
+    if key not in _MD5_CACHE:
         digest = hashlib.md5()
         with open(path, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 digest.update(chunk)
-        _cache[key] = digest.hexdigest()
-    return _cache[key]
+        _MD5_CACHE[key] = digest.hexdigest()
+    return _MD5_CACHE[key]
 
 
 def _check_file(path, expected_md5, fix):
@@ -542,15 +545,21 @@ def train(model, device, train_loader, optimizer, criterion, train_losses, train
         loss_sum += loss.detach().float() * len(target)
         correct += _correct(output.detach(), target)
         processed += len(target)
-        if batch_idx % REFRESH_EVERY == 0 or batch_idx == len(train_loader) - 1:
-            mean_loss = loss_sum.item() / processed
-            if not math.isfinite(mean_loss):
-                raise TrainingDivergedError(
-                    f"training diverged: loss is {mean_loss} at batch {batch_idx}; lower the learning rate")
-            pbar.set_description(f"Train: Loss={loss.item():0.4f} Batch_id={batch_idx} "
-                                 f"Accuracy={100 * correct.item() / processed:0.2f}")
+        if batch_idx % REFRESH_EVERY == 0:
+            _check_and_show(pbar, loss_sum, correct, processed, batch_idx, loss)
+    _check_and_show(pbar, loss_sum, correct, processed, batch_idx, loss)
     train_losses.append(loss_sum.item() / processed)
     train_acc.append(100 * correct.item() / processed)
+
+
+def _check_and_show(pbar, loss_sum, correct, processed, batch_idx, loss):
+    """Stop on a NaN/inf loss; show the original's progress line (both sync with a GPU, hence not every batch)."""
+    mean_loss = loss_sum.item() / processed
+    if not math.isfinite(mean_loss):
+        raise TrainingDivergedError(f"training diverged: loss is {mean_loss} at batch {batch_idx}; "
+                                    "lower the learning rate")
+    pbar.set_description(f"Train: Loss={loss.item():0.4f} Batch_id={batch_idx} "
+                         f"Accuracy={100 * correct.item() / processed:0.2f}")
 
 
 def test(model, device, test_loader, criterion, test_losses, test_acc, amp_dtype=None, progress=True):

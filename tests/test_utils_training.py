@@ -79,7 +79,8 @@ def test_train_and_test_append_true_means(capsys):
     assert f"Accuracy: {utils.GetCorrectPredCount(out, y)}/10 " in capsys.readouterr().out
     train_losses, train_acc = [], []
     opt = utils.get_optimizer(model, "SGD", 0.01, 0.9)
-    utils.train(model, torch.device("cpu"), batches, opt, F.nll_loss, train_losses, train_acc, progress=False)
+    batch_stream = (b for b in batches)  # any iterable works, even one without len()
+    utils.train(model, torch.device("cpu"), batch_stream, opt, F.nll_loss, train_losses, train_acc, progress=False)
     assert len(train_losses) == 1 and train_losses[0] > 0 and 0 <= train_acc[0] <= 100
 
 

@@ -1,0 +1,20 @@
+"""bench.py runs and reports every figure it promises (values are not asserted: timings are not tests)."""
+import json
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def test_bench_prints_table_then_json(mnist_root):
+    done = subprocess.run([sys.executable, str(REPO / "bench.py"), "--batches", "2", "--batch-size", "64",
+                           "--data-dir", str(mnist_root)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    figures = json.loads(lines[-1])
+    for key in ["train_classic_fp32_img_s", "train_fast_fp32_img_s", "train_fast_amp_cl_img_s",
+                "eval_classic_fp32_img_s", "eval_fast_amp_cl_img_s", "train_speedup_fast_amp_cl",
+                "eval_speedup_fast_amp_cl", "cpu", "cores", "torch", "device"]:
+        assert key in figures, key
+    assert all(figures[k] > 0 for k in figures if k.endswith("_img_s"))
+    assert sum("img/s" in line for line in lines) == 7
