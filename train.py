@@ -78,14 +78,15 @@ def main(argv=None):
     checkpoint = None
     if args.resume:
         try:
-            checkpoint = utils.load_checkpoint(args.resume)
+            checkpoint = utils.load_checkpoint(args.resume, Net())  # read once; architecture checked here
         except utils.CheckpointError as e:
             fail(e)
         if not checkpoint.get("args"):
             fail(f"{args.resume} holds weights only, not a run to resume: give the run's last.pt")
-        saved = checkpoint["args"]
         # Same run, same hyperparameters: only how it is shown may change.
-        args = argparse.Namespace(**{**saved, "progress": args.progress, "resume": args.resume})
+        defaults = vars(parse_args([]))
+        args = argparse.Namespace(**{**defaults, **checkpoint["args"], "progress": args.progress,
+                                     "resume": args.resume})
         args.out = str(Path(args.resume).resolve().parent)
     out = Path(args.out or f"runs/{args.recipe}-{time.strftime('%Y%m%d-%H%M%S')}")
     if checkpoint is None and (out / "last.pt").exists():
@@ -119,10 +120,7 @@ def main(argv=None):
     history, start_epoch, elapsed_before = utils.new_history(), 1, 0.0
     history["elapsed_seconds"] = []
     if checkpoint is not None:
-        try:
-            utils.load_checkpoint(args.resume, model)
-        except utils.CheckpointError as e:
-            fail(e)
+        model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         utils.set_rng_state(checkpoint["rng"])

