@@ -111,3 +111,10 @@ def test_atomic_write_keeps_old_file_when_writing_fails(tmp_path):
         utils.atomic_write(target, broken)
     assert target.read_bytes() == b"previous good checkpoint"
     assert os.listdir(tmp_path) == ["last.pt"]  # no temporary file left behind
+
+
+def test_atomic_write_gives_usual_permissions(tmp_path):
+    utils.atomic_write(tmp_path / "metrics.csv", lambda f: f.write(b"epoch\n"))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "metrics.csv").stat().st_mode & 0o777 == 0o666 & ~umask
