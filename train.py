@@ -30,7 +30,7 @@ METRICS_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "test_loss", "test_
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=utils.HelpFormatter)
     p.add_argument("--recipe", choices=sorted(utils.RECIPES), default="seed",
                    help="hyperparameter set: seed = the original notebook, fast = one-cycle")
     p.add_argument("--epochs", type=int, help="epochs (default: the recipe's)")

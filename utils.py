@@ -11,6 +11,7 @@ The classic S5 names (`get_MNISTdataset_with_loader`, `GetCorrectPredCount`, `po
 keep their original call shapes, so notebooks written against the original keep working.
 """
 
+import argparse
 import contextlib
 import hashlib
 import math
@@ -307,6 +308,13 @@ def get_MNISTdataset_with_loader(datasettype, kwargs=None, loader="fast", data_d
     if kwargs.get("num_workers", 0) > 0:
         kwargs.setdefault("persistent_workers", True)  # start workers once, not every epoch
     return DataLoader(dataset, **kwargs)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse help with each flag's default, except where there is none to show (None, off)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default in (None, False) else super()._get_help_string(action)
 
 
 # =============================================================================================
