@@ -396,7 +396,7 @@ class _SpatialOpRecorder(TorchFunctionMode):
 def receptive_field(model, input_shape=(1, 28, 28), verbose=True):
     """Output size, jump and receptive field after each conv/pool, derived by running the model.
 
-    A CPU forward pass of one zero image is watched for conv2d/max_pool2d/avg_pool2d calls
+    A forward pass of one zero image (on the model's device) is watched for conv2d/max_pool2d/avg_pool2d calls
     (functional ones included), so nothing is hard-coded. Returns a list of row dicts and, when
     verbose, prints them as a table. For Net: RF 3, 5, 6, 10, 14, 16.
     """
