@@ -576,24 +576,14 @@ def _check_and_show(pbar, loss_sum, correct, processed, batch_idx, loss):
 
 def test(model, device, test_loader, criterion, test_losses, test_acc, amp_dtype=None, progress=True):
     """Evaluate; appends the mean per-sample loss and accuracy (%) to the lists given."""
-    model.eval()
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), dtype=torch.int64, device=device)
-    processed = 0
-    with torch.inference_mode(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        for data, target in tqdm(test_loader, disable=not progress, desc="Test", dynamic_ncols=True, leave=False):
-            data, target = data.to(device, non_blocking=True), target.to(device, non_blocking=True)
-            output = model(data)
-            # criterion gives a batch mean; weighting by batch size makes the epoch figure a true
-            # per-sample mean (the original summed batch means over the dataset size).
-            loss_sum += criterion(output, target).float() * len(target)
-            correct += _correct(output, target)
-            processed += len(target)
-    test_loss, n_correct = loss_sum.item() / processed, int(correct.item())
+    log_probs, labels, _ = predict_loader(model, test_loader, device, amp_dtype, progress=progress)
+    # One criterion call over all outputs is the true per-sample mean (the original summed batch
+    # means and divided by the dataset size, which printed 0.0000).
+    test_loss = criterion(log_probs, labels).item()
+    n_correct, n = GetCorrectPredCount(log_probs, labels), len(labels)
     test_losses.append(test_loss)
-    test_acc.append(100.0 * n_correct / processed)
-    print(f"Test set: Average loss: {test_loss:.4f}, Accuracy: {n_correct}/{processed} "
-          f"({100.0 * n_correct / processed:.2f}%)")
+    test_acc.append(100.0 * n_correct / n)
+    print(f"Test set: Average loss: {test_loss:.4f}, Accuracy: {n_correct}/{n} ({100.0 * n_correct / n:.2f}%)")
 
 
 HISTORY_KEYS = ("epoch", "lr", "train_losses", "train_acc", "test_losses", "test_acc", "train_seconds")
@@ -794,11 +784,11 @@ def post_accuracyplots(train_losses, test_losses, train_acc, test_acc, save_path
 
 
 @torch.no_grad()  # not inference_mode: the returned images stay usable with autograd
-def predict_loader(model, loader, device, amp_dtype=None, keep_images=False):
-    """Log-probabilities and labels for every sample of `loader` (and the images, if asked)."""
+def predict_loader(model, loader, device, amp_dtype=None, keep_images=False, progress=False):
+    """Model outputs (fp32, on the CPU) and labels for every sample of `loader`, and the images if asked."""
     model.eval()
     outs, labels, images = [], [], []
-    for data, target in loader:
+    for data, target in tqdm(loader, disable=not progress, desc="Test", dynamic_ncols=True, leave=False):
         data = data.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             outs.append(model(data).float().cpu())
