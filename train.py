@@ -151,9 +151,10 @@ def main(argv=None):
         raise SystemExit(130) from None
 
     utils.atomic_write(out / "model.pt", lambda f: torch.save(model.state_dict(), f))
-    plt.close(utils.plot_confusion_matrix(utils.confusion_matrix(model, test_loader, device, amp_dtype),
+    predictions = utils.predict_loader(model, test_loader, device, amp_dtype, keep_images=True)  # one pass, two plots
+    plt.close(utils.plot_confusion_matrix(utils.confusion_matrix(model, test_loader, device, predictions=predictions),
                                           out / "confusion_matrix.png"))
-    plt.close(utils.plot_misclassified(utils.misclassified(model, test_loader, device, 24, amp_dtype),
+    plt.close(utils.plot_misclassified(utils.misclassified(model, test_loader, device, 24, predictions=predictions),
                                        out / "misclassified.png"))
     print(f"final test accuracy {history['test_acc'][-1]:.2f}% (best {max(history['test_acc']):.2f}%), "
           f"{history['elapsed_seconds'][-1]:.0f} s; outputs in {out}/")

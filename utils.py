@@ -798,15 +798,21 @@ def predict_loader(model, loader, device, amp_dtype=None, keep_images=False, pro
     return torch.cat(outs), torch.cat(labels), (torch.cat(images) if keep_images else None)
 
 
-def confusion_matrix(model, loader, device, amp_dtype=None):
-    """10x10 counts: row = true digit, column = predicted digit."""
-    log_probs, labels, _ = predict_loader(model, loader, device, amp_dtype)
+def confusion_matrix(model, loader, device, amp_dtype=None, predictions=None):
+    """10x10 counts: row = true digit, column = predicted digit.
+
+    `predictions`, a `predict_loader(...)` result, saves the pass over `loader` when it was already made.
+    """
+    log_probs, labels, _ = predictions or predict_loader(model, loader, device, amp_dtype)
     return torch.bincount(labels * 10 + log_probs.argmax(1), minlength=100).reshape(10, 10)
 
 
-def misclassified(model, loader, device, k=16, amp_dtype=None):
-    """The k most confident mistakes: dicts with image, true, predicted, probability (of the prediction)."""
-    log_probs, labels, images = predict_loader(model, loader, device, amp_dtype, keep_images=True)
+def misclassified(model, loader, device, k=16, amp_dtype=None, predictions=None):
+    """The k most confident mistakes: dicts with image, true, predicted, probability (of the prediction).
+
+    `predictions`, a `predict_loader(..., keep_images=True)` result, saves the pass over `loader`.
+    """
+    log_probs, labels, images = predictions or predict_loader(model, loader, device, amp_dtype, keep_images=True)
     probs, preds = log_probs.exp().max(1)
     wrong = (preds != labels).nonzero().squeeze(1)
     worst = wrong[probs[wrong].argsort(descending=True)][:k]
@@ -859,7 +865,6 @@ class ImageInputError(ValueError):
 
 def _on_white(image):
     """Transparent pixels become white paper (a digit drawn on a transparent canvas is dark on light)."""
-
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         return Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
@@ -873,7 +878,6 @@ def preprocess_digit(image):
     ink's bounding box; fitted into 20x20 keeping the aspect ratio; pasted into 28x28 so that the
     centre of mass sits at the centre; normalised with the training mean and std.
     """
-
     gray = np.asarray(_on_white(image).convert("L"), dtype=np.float32) / 255.0
     border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
     background = float(np.median(border))
@@ -902,7 +906,6 @@ def preprocess_digit(image):
 
 def load_digit(path):
     """Open an image file as a preprocessed digit tensor; ImageInputError says what is wrong."""
-
     path = Path(path)
     try:
         if path.stat().st_size == 0:
@@ -958,7 +961,6 @@ def predict_digits(model, paths, device=None):
 
 def plot_predictions(results, save_path=None):
     """Each readable image next to the 28x28 digit the model saw, titled with its prediction."""
-
     ok = [r for r in results if r["error"] is None]
     fig, axes = plt.subplots(max(1, len(ok)), 2, figsize=(4, 2 * max(1, len(ok))), squeeze=False)
     for ax in axes.flat:

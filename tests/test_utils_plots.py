@@ -56,6 +56,8 @@ def test_confusion_matrix_totals(test_loader, tmp_path):
     cm = utils.confusion_matrix(model, test_loader, torch.device("cpu"))
     assert cm.shape == (10, 10) and cm.sum() == 10_000
     assert cm.sum(1).tolist() == torch.bincount(test_loader.labels, minlength=10).tolist()
+    shared = utils.predict_loader(model, test_loader, torch.device("cpu"), keep_images=True)
+    assert torch.equal(utils.confusion_matrix(model, None, None, predictions=shared), cm)  # no second pass needed
     fig = utils.plot_confusion_matrix(cm, tmp_path / "cm.png")
     assert f"{int(cm.trace())}/10000" in fig.axes[0].get_title() and (tmp_path / "cm.png").exists()
 
@@ -71,5 +73,8 @@ def test_misclassified_are_worst_first(test_loader, tmp_path):
         assert m["true"] != m["predicted"] and m["image"].shape == (1, 28, 28)
         out = model(m["image"].unsqueeze(0)).exp()
         assert out.argmax().item() == m["predicted"]
+    shared = utils.predict_loader(model, test_loader, torch.device("cpu"), keep_images=True)
+    again = utils.misclassified(model, None, None, k=10, predictions=shared)
+    assert [(m["true"], m["predicted"]) for m in again] == [(m["true"], m["predicted"]) for m in mistakes]
     fig = utils.plot_misclassified(mistakes, tmp_path / "m.png")
     assert "true" in fig.axes[0].get_title()
