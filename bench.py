@@ -11,6 +11,7 @@ Prints a table and, last, one JSON line with every figure and the machine.
 
 import argparse
 import csv
+import itertools
 import json
 import os
 import platform
@@ -34,46 +35,37 @@ def cpu_model():
     return platform.processor() or platform.machine()
 
 
-def throughput(loader, step, batches, warmup=3):
-    """Images per second over `batches` batches of `loader` after `warmup` untimed ones."""
-    it = iter(loader)
-    for _ in range(warmup):
-        step(*next(it))
-    seen, start = 0, time.perf_counter()
-    for _ in range(batches):
-        try:
-            data, target = next(it)
-        except StopIteration:
-            it = iter(loader)
-            data, target = next(it)
-        step(data, target)
-        seen += len(target)
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return seen / (time.perf_counter() - start)
+def endless(loader):
+    """The loader's batches, epoch after epoch (a timing window may cross an epoch boundary)."""
+    while True:
+        yield from loader
 
 
-def train_step_fn(model, device, amp_dtype):
+def train_throughput(model, device, loader, amp_dtype, batches, warmup=3):
+    """Images/s of utils.train, the loop every run uses, over `batches` batches after `warmup` untimed ones."""
     optimizer = utils.get_optimizer(model, "SGD", 0.01, 0.9)
+    stream = endless(loader)
 
-    def step(data, target):
-        data, target = data.to(device, non_blocking=True), target.to(device, non_blocking=True)
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            loss = torch.nn.functional.nll_loss(model(data), target)
-        loss.backward()
-        optimizer.step()
-    return step
+    seen = []
+
+    def run(n):
+        counted = ((seen.append(len(y)), (x, y))[1] for x, y in itertools.islice(stream, n))
+        utils.train(model, device, counted, optimizer, utils.get_loss(), [], [],
+                    amp_dtype=amp_dtype, progress=False)  # ends with .item(): a GPU is synchronised
+
+    run(warmup)
+    seen.clear()
+    start = time.perf_counter()
+    run(batches)
+    return sum(seen) / (time.perf_counter() - start)
 
 
-def eval_step_fn(model, device, amp_dtype):
-    model.eval()
-
-    @torch.inference_mode()
-    def step(data, target):
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            model(data.to(device, non_blocking=True)).argmax(1).eq(target.to(device)).sum().item()
-    return step
+def eval_throughput(model, device, loader, amp_dtype):
+    """Images/s of utils.predict_loader (what `test` runs) over the whole test set, after one warm-up batch."""
+    utils.predict_loader(model, itertools.islice(loader, 1), device, amp_dtype)
+    start = time.perf_counter()
+    _, labels, _ = utils.predict_loader(model, loader, device, amp_dtype)
+    return len(labels) / (time.perf_counter() - start)
 
 
 def time_to_target(target, data_dir):
@@ -116,12 +108,13 @@ def main(argv=None):
         model = Net().to(device)
         return model.to(memory_format=torch.channels_last) if channels_last else model
 
-    def report(kind, key, pipeline, dtype, channels_last, loader, step_fn, batches, warmup):
-        step = step_fn(fresh_model(channels_last), device, dtype)
-        figures[f"{kind}_{key}_img_s"] = round(throughput(loader, step, batches, warmup), 1)
+    def report(kind, key, pipeline, dtype, channels_last, loader):
+        model = fresh_model(channels_last)
+        img_s = (train_throughput(model, device, loader, dtype, args.batches) if kind == "train"
+                 else eval_throughput(model, device, loader, dtype))
+        figures[f"{kind}_{key}_img_s"] = round(img_s, 1)
         layout = "channels_last" if channels_last else "contiguous"
-        print(f"{kind:<6}{pipeline:<20}{str(dtype or 'fp32'):<16}{layout:<15}"
-              f"{figures[f'{kind}_{key}_img_s']:>8.0f} img/s", flush=True)
+        print(f"{kind:<6}{pipeline:<20}{str(dtype or 'fp32'):<16}{layout:<15}{img_s:>8.0f} img/s", flush=True)
 
     figures = {}
     train_fast = get("train", fast_kw, "fast", args.data_dir, device)
@@ -132,13 +125,13 @@ def main(argv=None):
             ("fast_fp32_cl", "fast loader", None, True, train_fast),
             ("fast_amp", "fast loader", amp_dtype, False, train_fast),
             ("fast_amp_cl", "fast loader", amp_dtype, True, train_fast)]:
-        report("train", key, pipeline, dtype, cl, loader, train_step_fn, args.batches, 3)
+        report("train", key, pipeline, dtype, cl, loader)
 
     test_classic = get("test", {**classic_kw, "batch_size": 256, "shuffle": False}, "classic", args.data_dir)
     test_fast = get("test", {"batch_size": 256}, "fast", args.data_dir, device)
     for key, pipeline, dtype, cl, loader in [("classic_fp32", "classic DataLoader", None, False, test_classic),
                                              ("fast_amp_cl", "fast loader", amp_dtype, True, test_fast)]:
-        report("eval", key, pipeline, dtype, cl, loader, eval_step_fn, len(loader) - 1, 1)  # the whole test set
+        report("eval", key, pipeline, dtype, cl, loader)
 
     def ratio(fast, classic):
         return round(figures[fast] / figures[classic], 2)
