@@ -38,11 +38,12 @@ class Net(nn.Module):
 
     def forward(self, x):
         check_input(x)
-        # Pools are functional, as in the original, so torchsummary shows the same six rows.
+        # Pools are functional, as in the original, so torchsummary shows the same six rows. Pooling
+        # before the ReLU (the original's order) gives the same result with a 4x smaller ReLU.
         x = F.relu(self.conv1(x))
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        x = F.relu(F.max_pool2d(self.conv2(x), 2))
         x = F.relu(self.conv3(x))
-        x = F.max_pool2d(F.relu(self.conv4(x)), 2)
+        x = F.relu(F.max_pool2d(self.conv4(x), 2))
         x = torch.flatten(x, 1)  # flatten, not view: works for channels_last tensors too
         x = F.relu(self.fc1(x))
         x = self.fc2(x)

@@ -12,9 +12,10 @@ def test_bench_prints_table_then_json(mnist_root):
     assert done.returncode == 0, done.stderr
     lines = done.stdout.strip().splitlines()
     figures = json.loads(lines[-1])
-    for key in ["train_classic_fp32_img_s", "train_fast_fp32_img_s", "train_fast_amp_cl_img_s",
-                "eval_classic_fp32_img_s", "eval_fast_amp_cl_img_s", "train_speedup_fast_amp_cl",
-                "eval_speedup_fast_amp_cl", "cpu", "cores", "torch", "device"]:
+    for key in ["train_classic_fp32_img_s", "train_classic_fp32_kept_img_s", "train_fast_fp32_img_s",
+                "train_fast_amp_cl_img_s", "eval_classic_fp32_img_s", "eval_fast_amp_cl_img_s",
+                "train_speedup_fast_amp_cl", "train_speedup_fast_amp_cl_vs_kept", "eval_speedup_fast_amp_cl",
+                "cpu", "cores", "torch", "device"]:
         assert key in figures, key
     assert all(figures[k] > 0 for k in figures if k.endswith("_img_s"))
-    assert sum("img/s" in line for line in lines) == 7
+    assert sum("img/s" in line for line in lines) == 8  # 6 training rows, 2 evaluation rows

@@ -22,7 +22,8 @@ def read_metrics(path):
         return list(csv.DictReader(f))
 
 
-SMALL = ["--recipe", "fast", "--train-subset", "2048", "--batch-size", "64", "--seed", "3", "--deterministic"]
+SMALL = ["--recipe", "fast", "--lr", "0.05", "--train-subset", "2048", "--batch-size", "64", "--seed", "3",
+         "--deterministic"]
 
 
 def test_run_writes_every_output(tmp_path, mnist_root):

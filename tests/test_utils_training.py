@@ -1,6 +1,11 @@
+import platform
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import REPO
 
 import utils
 from model import Net
@@ -122,3 +127,30 @@ def test_one_real_epoch_reaches_95_percent(mnist_root):
     hist = utils.fit(model, device, train_loader, test_loader, opt, sched, utils.get_loss("nll_loss"), 1,
                      amp_dtype=utils.amp_dtype_for(device), progress=False)
     assert hist["test_acc"][0] >= 95.0
+
+
+REALLOCATE = """
+import resource, sys, torch
+sys.path.insert(0, sys.argv[2])
+import utils
+if sys.argv[1] == "keep":
+    assert utils.keep_freed_memory()
+for _ in range(3):
+    torch.ones(64 << 20, dtype=torch.uint8)  # a training step's worth of buffers; the heap grows to fit
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(10):
+    torch.ones(64 << 20, dtype=torch.uint8)  # freed and allocated again, as step after step
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="tunes glibc's malloc; a no-op elsewhere")
+def test_keep_freed_memory_reuses_big_buffers_instead_of_faulting_them_in_again():
+    def page_faults(mode):
+        run = subprocess.run([sys.executable, "-c", REALLOCATE, mode, str(REPO)], capture_output=True, text=True,
+                             check=True)
+        return int(run.stdout.split()[-1])
+
+    default, kept = page_faults("default"), page_faults("keep")
+    assert default > 10 * 16, default  # fresh pages every time (16 is 64 MB in 2 MB huge pages)
+    assert kept < default / 4, (kept, default)  # at most a late heap extension or two
