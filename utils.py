@@ -568,7 +568,7 @@ def train(model, device, train_loader, optimizer, criterion, train_losses, train
     stepped by the caller. Raises TrainingDivergedError as soon as the loss is NaN or infinite.
     """
     if device.type == "cpu":
-        keep_freed_memory()
+        keep_freed_memory()  # reuse last step's buffers instead of page-faulting fresh ones
     model.train()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
@@ -822,7 +822,7 @@ def post_accuracyplots(train_losses, test_losses, train_acc, test_acc, save_path
 def predict_loader(model, loader, device, amp_dtype=None, keep_images=False, progress=False):
     """Model outputs (fp32, on the CPU) and labels for every sample of `loader`, and the images if asked."""
     if device.type == "cpu":
-        keep_freed_memory()
+        keep_freed_memory()  # reuse last batch's buffers instead of page-faulting fresh ones
     model.eval()
     outs, labels, images = [], [], []
     for data, target in tqdm(loader, disable=not progress, desc="Test", dynamic_ncols=True, leave=False):
