@@ -7,8 +7,9 @@ Training: the same Net and SGD step, fed by (1) the classic torchvision DataLoad
 augmentation, 2 workers, fp32, with glibc's default malloc settings: the original notebook's pipeline;
 (2) the same with `utils.keep_freed_memory()` on, as every CPU run of this repo has it; (3) the fast
 tensor loader in fp32; (4) the fast loader with mixed precision (bf16 autocast where the hardware has
-it) and channels_last. Evaluation: the original pipeline against the fastest one.
-Prints a table and, last, one JSON line with every figure and the machine.
+it) and channels_last. Evaluation: the original pipeline against the fastest one. Last, each convolution
+alone in the fastest setting (forward, weight gradient, input gradient), which bounds what any pipeline
+can reach on this machine. Prints a table and, last, one JSON line with every figure and the machine.
 """
 
 import argparse
@@ -24,9 +25,10 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 import utils
-from model import Net
+from model import INPUT_SHAPE, Net
 
 
 def cpu_model():
@@ -68,6 +70,66 @@ def eval_throughput(model, device, loader, amp_dtype):
     start = time.perf_counter()
     _, labels, _ = utils.predict_loader(model, loader, device, amp_dtype)
     return len(labels) / (time.perf_counter() - start)
+
+
+def timed(fn, device, repeats=5, warmup=2):
+    """Mean seconds per call of fn()."""
+    for _ in range(warmup):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) / repeats
+
+
+def conv_passes(model, device, batch_size, dtype, channels_last):
+    """Seconds per batch for each convolution's three training passes alone, with their GFLOP/s.
+
+    Returns [(name, shape text, {pass: (seconds, GFLOP/s)})]. The first layer's input gradient is left
+    out, as in training (the images need none). The sum of the seconds is the convolutions' share of one
+    training step; batch_size divided by it is the most img/s any loader or loop could reach.
+    """
+    convs = [(name, m) for name, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    inputs = {}
+
+    def record(module, args, output):  # returns None: the output is left as it is
+        inputs[module] = args[0].shape
+
+    hooks = [m.register_forward_hook(record) for _, m in convs]
+    with torch.no_grad():
+        model(torch.zeros(1, *INPUT_SHAPE, device=device))
+    for h in hooks:
+        h.remove()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    dtype = dtype or torch.float32
+    rows = []
+    for i, (name, conv) in enumerate(convs):
+        x = torch.randn(batch_size, *inputs[conv][1:], device=device, dtype=dtype).contiguous(memory_format=fmt)
+        w = conv.weight.detach().to(dtype).contiguous(memory_format=fmt)
+        x.requires_grad_(i > 0)
+        w.requires_grad_()
+
+        def forward(x=x, w=w, conv=conv):
+            return F.conv2d(x, w, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+        y = forward()
+        g = torch.randn_like(y)
+        gflop = 2 * y.numel() * w[0].numel() / 1e9  # one multiply-add per output element and weight tap
+        passes = {"forward": forward,
+                  "grad weight": lambda y=y, w=w, g=g: torch.autograd.grad(y, w, g, retain_graph=True)}
+        if i > 0:
+            passes["grad input"] = lambda y=y, x=x, g=g: torch.autograd.grad(y, x, g, retain_graph=True)
+        figures = {}
+        for pass_name, fn in passes.items():
+            seconds = timed(fn, device)
+            figures[pass_name] = (seconds, gflop / seconds)
+        shape = f"{conv.in_channels}->{conv.out_channels} @{inputs[conv][2]}x{inputs[conv][3]}"
+        rows.append((name, shape, figures))
+    return rows
 
 
 def time_to_target(target, data_dir):
@@ -135,6 +197,18 @@ def main(argv=None):
         report("train", key, "fast loader", dtype, cl, train_fast)
     test_fast = get("test", {"batch_size": 256}, "fast", args.data_dir, device)
     report("eval", "fast_amp_cl", "fast loader", amp_dtype, True, test_fast)
+
+    print(f"\neach convolution alone, batch {args.batch_size}, {amp_dtype or 'fp32'}, channels_last:")
+    conv_seconds = 0.0
+    for name, shape, passes in conv_passes(fresh_model(True), device, args.batch_size, amp_dtype, True):
+        conv_seconds += sum(seconds for seconds, _ in passes.values())
+        print(f"  {name:<6}{shape:<18}" + "  ".join(f"{what} {s * 1e3:6.1f} ms {gf:5.0f} GFLOP/s"
+                                                   for what, (s, gf) in passes.items()))
+    figures["conv_only_ms_per_batch"] = round(conv_seconds * 1e3, 1)
+    figures["conv_only_ceiling_img_s"] = round(args.batch_size / conv_seconds, 1)
+    print(f"  all convolutions: {conv_seconds * 1e3:.1f} ms a batch, so at most "
+          f"{figures['conv_only_ceiling_img_s']:.0f} img/s; the fast path reached "
+          f"{figures['train_fast_amp_cl_img_s'] / figures['conv_only_ceiling_img_s']:.0%} of that")
 
     def ratio(fast, classic):
         return round(figures[f"{fast}_img_s"] / figures[f"{classic}_img_s"], 2)

@@ -15,7 +15,12 @@ def test_bench_prints_table_then_json(mnist_root):
     for key in ["train_classic_fp32_img_s", "train_classic_fp32_kept_img_s", "train_fast_fp32_img_s",
                 "train_fast_amp_cl_img_s", "eval_classic_fp32_img_s", "eval_fast_amp_cl_img_s",
                 "train_speedup_fast_amp_cl", "train_speedup_fast_amp_cl_vs_kept", "eval_speedup_fast_amp_cl",
+                "conv_only_ms_per_batch", "conv_only_ceiling_img_s",
                 "cpu", "cores", "torch", "device"]:
         assert key in figures, key
     assert all(figures[k] > 0 for k in figures if k.endswith("_img_s"))
-    assert sum("img/s" in line for line in lines) == 8  # 6 training rows, 2 evaluation rows
+    assert sum(line.startswith(("train ", "eval ")) for line in lines) == 8  # 6 training rows, 2 evaluation
+    conv_rows = [line.split() for line in lines if line.lstrip().startswith("conv")]
+    assert [row[0] for row in conv_rows] == ["conv1", "conv2", "conv3", "conv4"]
+    assert "input" not in conv_rows[0] and all("input" in row for row in conv_rows[1:])  # images need no grad
+    assert abs(figures["conv_only_ceiling_img_s"] * figures["conv_only_ms_per_batch"] / 1e3 - 64) < 0.1
