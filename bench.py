@@ -202,7 +202,7 @@ def main(argv=None):
     conv_seconds = 0.0
     for name, shape, passes in conv_passes(fresh_model(True), device, args.batch_size, amp_dtype, True):
         conv_seconds += sum(seconds for seconds, _ in passes.values())
-        print(f"  {name:<6}{shape:<18}" + "  ".join(f"{what} {s * 1e3:6.1f} ms {gf:5.0f} GFLOP/s"
+        print(f"  {name:<6}{shape:<18}" + "  ".join(f"{what} {s * 1e3:6.2f} ms {gf:6.0f} GFLOP/s"
                                                    for what, (s, gf) in passes.items()))
     figures["conv_only_ms_per_batch"] = round(conv_seconds * 1e3, 1)
     figures["conv_only_ceiling_img_s"] = round(args.batch_size / conv_seconds, 1)

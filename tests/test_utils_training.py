@@ -105,6 +105,19 @@ def test_amp_dtype_choice():
     assert utils.amp_dtype_for("cpu") is (torch.bfloat16 if native else None)
 
 
+@pytest.mark.parametrize("capability, bf16, default, forced", [
+    ((9, 0), True, None, torch.bfloat16),       # H100: TF32 convolutions, autocast measured slower
+    ((8, 0), True, None, torch.bfloat16),       # A100
+    ((7, 5), False, torch.float16, torch.float16),  # T4: no TF32, no bf16: fp16 with a GradScaler
+])
+def test_amp_dtype_choice_on_cuda(monkeypatch, capability, bf16, default, forced):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    assert utils.amp_dtype_for("cuda") is default
+    assert utils.amp_dtype_for("cuda", True) is forced
+    assert utils.amp_dtype_for("cuda", False) is None
+
+
 def test_set_seed_reproduces_weights():
     utils.set_seed(5)
     a = Net().conv1.weight.clone()
