@@ -1,4 +1,4 @@
-"""train.py end to end, in subprocesses, as a user runs it."""
+"""train.py end to end, in subprocesses, as a user runs it (one in-process test counts plot redraws)."""
 import csv
 import signal
 import subprocess
@@ -106,3 +106,18 @@ def test_missing_data_is_one_line_error(tmp_path):
     done = run_train("--data-dir", bad, "--out", tmp_path / "o", "--epochs", "1")
     assert done.returncode == 2 and "train-images-idx3-ubyte is corrupt or truncated" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("every_s, drawn_after", [(0.0, [1, 2, 3]), (1e9, [1, 3])])
+def test_accuracy_plot_redrawn_at_most_every_plot_every_s(tmp_path, mnist_root, monkeypatch, every_s, drawn_after):
+    """In-process, to count redraws: the first and last epochs always draw, others only PLOT_EVERY_S apart."""
+    import train
+
+    drawn = []
+    real = utils.post_accuracyplots
+    monkeypatch.setattr(utils, "post_accuracyplots", lambda *a, **k: drawn.append(len(a[0])) or real(*a, **k))
+    monkeypatch.setattr(train, "PLOT_EVERY_S", every_s)
+    train.main(["--no-progress", "--recipe", "fast", "--lr", "0.05", "--train-subset", "512", "--batch-size", "64",
+                "--epochs", "3", "--data-dir", str(mnist_root), "--out", str(tmp_path / "run")])
+    assert drawn == drawn_after  # the number of epochs each redraw showed
+    assert (tmp_path / "run" / "accuracy_plots.png").stat().st_size > 0
