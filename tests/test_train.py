@@ -9,7 +9,9 @@ import pytest
 import torch
 from conftest import REPO
 
-import utils
+from s5 import plots
+from s5.checkpoints import load_checkpoint
+from s5.data import raw_dir
 
 
 def run_train(*args, **kw):
@@ -39,7 +41,7 @@ def test_run_writes_every_output(tmp_path, mnist_root):
     assert [r["epoch"] for r in rows] == ["1", "2"]
     assert float(rows[1]["elapsed_seconds"]) > float(rows[0]["elapsed_seconds"]) > float(rows[0]["train_seconds"])
     assert 70 < float(rows[1]["test_acc"]) <= 100
-    state = utils.load_checkpoint(out / "last.pt")
+    state = load_checkpoint(out / "last.pt")
     assert state["epoch"] == 2 and state["args"]["train_subset"] == 2048
     # the same folder is not silently overwritten
     again = run_train(*SMALL, "--epochs", "1", "--data-dir", mnist_root, "--out", out)
@@ -61,7 +63,7 @@ def test_kill_9_then_resume_matches_uninterrupted_run(tmp_path, mnist_root):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    killed_at = utils.load_checkpoint(out / "last.pt")["epoch"]  # intact and loadable after kill -9
+    killed_at = load_checkpoint(out / "last.pt")["epoch"]  # intact and loadable after kill -9
     assert 2 <= killed_at < 4, "the run finished before it could be killed"
 
     resumed = run_train("--resume", out / "last.pt")
@@ -83,7 +85,7 @@ def test_divergence_stops_with_message_and_keeps_good_checkpoint(tmp_path, mnist
     assert "training diverged" in done.stderr and "--lr below 10" in done.stderr
     assert "Traceback" not in done.stderr
     if (out / "last.pt").exists():  # any checkpoint kept is a good one
-        assert all(x == x for x in utils.load_checkpoint(out / "last.pt")["history"]["train_losses"])
+        assert all(x == x for x in load_checkpoint(out / "last.pt")["history"]["train_loss"])
 
 
 @pytest.mark.parametrize("content,match", [
@@ -101,8 +103,8 @@ def test_bad_resume_file_one_line_error(tmp_path, content, match):
 
 def test_missing_data_is_one_line_error(tmp_path):
     bad = tmp_path / "root"
-    utils.raw_dir(bad).mkdir(parents=True)
-    (utils.raw_dir(bad) / "train-images-idx3-ubyte").write_bytes(b"\0" * 100)
+    raw_dir(bad).mkdir(parents=True)
+    (raw_dir(bad) / "train-images-idx3-ubyte").write_bytes(b"\0" * 100)
     done = run_train("--data-dir", bad, "--out", tmp_path / "o", "--epochs", "1")
     assert done.returncode == 2 and "train-images-idx3-ubyte is corrupt or truncated" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
@@ -114,8 +116,8 @@ def test_accuracy_plot_redrawn_at_most_every_plot_every_s(tmp_path, mnist_root, 
     import train
 
     drawn = []
-    real = utils.post_accuracyplots
-    monkeypatch.setattr(utils, "post_accuracyplots", lambda *a, **k: drawn.append(len(a[0])) or real(*a, **k))
+    real = plots.post_accuracyplots
+    monkeypatch.setattr(plots, "post_accuracyplots", lambda *a, **k: drawn.append(len(a[0])) or real(*a, **k))
     monkeypatch.setattr(train, "PLOT_EVERY_S", every_s)
     train.main(["--no-progress", "--recipe", "fast", "--lr", "0.05", "--train-subset", "512", "--batch-size", "64",
                 "--epochs", "3", "--data-dir", str(mnist_root), "--out", str(tmp_path / "run")])

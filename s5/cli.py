@@ -1,0 +1,70 @@
+"""What the command-line entry points share: argument types that refuse impossible values, help text with
+defaults, and one way to fail.
+
+Exit codes, the same for every entry point: 0 done; 1 the run failed part-way (diverged, could not write) or
+some inputs could not be used (predict.py); 2 a usage or data error, found before any work; 130 interrupted.
+"""
+
+import argparse
+import math
+import sys
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse help with each flag's default, except where there is none to show (None, off)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default in (None, False) else super()._get_help_string(action)
+
+
+def whole_number(low, high=None):
+    """An argparse type: an int in [low, high]; argparse names the flag in its error."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{value} is out of range: give {low} to {high}" if high is not None
+                                             else f"{value} is out of range: give {low} or more")
+        return value
+    parse.__name__ = "whole number"
+    return parse
+
+
+def positive_number(text):
+    """An argparse type: a finite float above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} is out of range: give a number above 0")
+    return value
+
+
+positive_number.__name__ = "number"
+
+
+def given_flags(build_parser, argv):
+    """The destinations of the flags written in `argv`, as opposed to those left at their defaults."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS  # an absent flag then leaves no attribute at all
+    return set(vars(parser.parse_args(argv)))
+
+
+def fail(message, code=EXIT_USAGE):
+    """Print `error: message` as one line on stderr and exit with `code`."""
+    text = " ".join(str(message).split())  # one line, whatever the message held
+    print(f"error: {text}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line (`error: argument --epochs: ...`) with exit code 2."""
+
+    def error(self, message):
+        fail(f"{message} (see {self.prog} --help)")

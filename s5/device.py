@@ -1,0 +1,105 @@
+"""Where and how a run computes: the device, the precision, the seeds, and CPU memory reuse.
+
+Nothing here runs by itself: the entry points (train.py, bench.py, the notebook) choose what to switch on.
+"""
+
+import ctypes
+import os
+import platform
+import random
+
+import numpy as np
+import torch
+
+
+def as_device(device):
+    """A torch.device from what PyTorch code passes: a torch.device, "cpu", "cuda", "cuda:1"; ValueError otherwise."""
+    if isinstance(device, torch.device):
+        return device
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}: use cpu, cuda, cuda:N or auto") from None
+
+
+def get_device(name=None):
+    """The device to run on: CUDA when present and the CPU otherwise for None or "auto", else `name` checked.
+
+    Raises ValueError with a one-line fix for a device this machine does not have.
+    """
+    if name is None or name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = as_device(name)
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {name!r} is not supported here: use cpu, cuda, cuda:N or auto")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r} asked for, but CUDA is not available here: use cpu")
+        if (device.index or 0) >= torch.cuda.device_count():
+            raise ValueError(f"device {name!r} asked for, but this machine has {torch.cuda.device_count()} "
+                             "CUDA device(s): use cuda:0 or cuda")
+    return device
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # mallopt() parameters, from glibc's malloc.h
+_freed_memory_kept = False
+
+
+def keep_freed_memory():
+    """Make glibc keep freed memory for reuse, so each CPU training step reuses the last one's buffers.
+
+    A training step frees and re-allocates activation buffers of tens of MB. glibc serves blocks that big
+    with fresh mmap()ed pages and unmaps them on free, so every step pays a page fault per 4 KB touched
+    (the README's speed table measures what that costs). With mmap and heap trimming off, freed blocks are
+    reused. The cost: the process keeps its peak memory until it exits, and the setting cannot be undone,
+    so it is the caller's choice (train.py, bench.py and the notebook make it for CPU runs). Only on Linux
+    with glibc; returns whether the settings are in effect.
+    """
+    global _freed_memory_kept
+    if _freed_memory_kept:
+        return True
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL("libc.so.6")
+    _freed_memory_kept = bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30))
+    return _freed_memory_kept
+
+
+def set_seed(seed, deterministic=False):
+    """Seed python, numpy, torch and CUDA; with deterministic=True also force deterministic algorithms.
+
+    (cuDNN's benchmark mode, which picks convolution algorithms by timing them, is left to the caller,
+    except that deterministic=True turns it off, as determinism requires.)
+    """
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise ValueError(f"seed={seed!r}: give a whole number from 0 to 2**32 - 1")
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # seeds every CUDA device too
+    torch.use_deterministic_algorithms(deterministic, warn_only=False)
+    torch.backends.cudnn.deterministic = deterministic
+    if deterministic:
+        torch.backends.cudnn.benchmark = False
+        if torch.cuda.is_available():
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+def amp_dtype_for(device, amp=None):
+    """The autocast dtype to train with on `device`, or None for full fp32.
+
+    amp=None decides by hardware: bf16 on CPUs with native bf16 instructions (AVX512-BF16/AMX), plain fp32
+    on other CPUs, where bf16 is emulated and slower. On CUDA GPUs from Ampere on (compute capability 8.0+)
+    fp32, whose convolutions already run on TF32 tensor cores: for a net this small autocast's extra casts
+    cost more than bf16 saves (measured: README, Speed); fp16 with a GradScaler on older GPUs. amp=False
+    forces fp32; amp=True forces mixed precision (bf16 where the GPU has it, else fp16).
+    """
+    device = as_device(device)
+    if amp is False:
+        return None
+    if device.type == "cuda":
+        if amp is None and torch.cuda.get_device_capability(device) >= (8, 0):
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and (amp or torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        return torch.bfloat16
+    return None

@@ -1,0 +1,56 @@
+"""What a trained model does on a whole loader: its outputs, the confusion matrix, its worst mistakes.
+
+`predict_loader` is the one evaluation loop: `test` reports from it, and the confusion matrix and the mistakes
+are computed from its result, so one pass over the test set serves all three.
+"""
+
+from typing import NamedTuple
+
+import torch
+from tqdm.auto import tqdm
+
+from s5.device import as_device
+
+
+class Predictions(NamedTuple):
+    """A model's log-probabilities (N, 10) fp32 on the CPU, the labels (N,), and the images when kept."""
+    log_probs: torch.Tensor
+    labels: torch.Tensor
+    images: torch.Tensor | None = None
+
+
+@torch.no_grad()  # not inference_mode: the returned images stay usable with autograd
+def predict_loader(model, loader, device, amp_dtype=None, *, keep_images=False, progress=False):
+    """Model outputs and labels for every batch of `loader` (and the images if asked), as Predictions."""
+    device = as_device(device)
+    model.eval()
+    outs, labels, images = [], [], []
+    for data, target in tqdm(loader, disable=not progress, desc="Test", dynamic_ncols=True, leave=False):
+        data = data.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            outs.append(model(data).float().cpu())
+        labels.append(target.cpu())
+        if keep_images:
+            images.append(data.cpu())
+    if not outs:
+        raise ValueError("the loader gave no batches: nothing to evaluate")
+    return Predictions(torch.cat(outs), torch.cat(labels), torch.cat(images) if keep_images else None)
+
+
+def confusion_matrix(predictions):
+    """10x10 counts from a `predict_loader` result: row = true digit, column = predicted digit."""
+    return torch.bincount(predictions.labels * 10 + predictions.log_probs.argmax(1), minlength=100).reshape(10, 10)
+
+
+def misclassified(predictions, k=16):
+    """The k most confident mistakes in a `predict_loader(..., keep_images=True)` result.
+
+    A list of dicts with image, true, predicted and probability (of the prediction).
+    """
+    if predictions.images is None:
+        raise ValueError("misclassified needs the images: use predict_loader(..., keep_images=True)")
+    probs, preds = predictions.log_probs.exp().max(1)
+    wrong = (preds != predictions.labels).nonzero().squeeze(1)
+    worst = wrong[probs[wrong].argsort(descending=True)][:k]
+    return [dict(image=predictions.images[i], true=int(predictions.labels[i]), predicted=int(preds[i]),
+                 probability=float(probs[i])) for i in worst.tolist()]

@@ -1,0 +1,101 @@
+import os
+import pickle
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from model import Net
+from s5.checkpoints import CHECKPOINT_FORMAT, CheckpointError, load_checkpoint, save_checkpoint, set_rng_state
+from s5.device import set_seed
+from s5.engine import get_optimizer, get_scheduler, new_history
+
+
+def _trained_state():
+    set_seed(0)
+    model = Net()
+    opt = get_optimizer(model, "SGD", 0.01, 0.9)
+    sched = get_scheduler(opt, 15, 0.1)
+    model(torch.randn(4, 1, 28, 28)).sum().backward()
+    opt.step()
+    sched.step()
+    return model, opt, sched
+
+
+def test_round_trip_restores_everything(tmp_path):
+    model, opt, sched = _trained_state()
+    hist = new_history()
+    hist["test_acc"].append(97.5)
+    save_checkpoint(tmp_path / "last.pt", model, opt, sched, 3, hist, {"lr": 0.01, "out": tmp_path})
+    expected = (random.random(), np.random.rand(), torch.rand(1))
+
+    fresh = Net()
+    state = load_checkpoint(tmp_path / "last.pt", fresh)
+    for a, b in zip(model.state_dict().values(), fresh.state_dict().values()):
+        assert torch.equal(a, b)
+    opt2 = get_optimizer(fresh, "SGD", 0.01, 0.9)
+    opt2.load_state_dict(state["optimizer"])
+    buffers = [o.state_dict()["state"][0]["momentum_buffer"] for o in (opt, opt2)]
+    assert torch.equal(*buffers)
+    assert state["epoch"] == 3 and state["history"]["test_acc"] == [97.5] and state["args"]["out"] == str(tmp_path)
+    assert state["scheduler"]["last_epoch"] == 1
+    set_rng_state(state["rng"])
+    assert (random.random(), np.random.rand(), torch.rand(1)) == expected
+
+
+def test_bare_state_dict_loads(tmp_path):
+    model = Net()
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    load_checkpoint(tmp_path / "model.pt", Net())
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_pickled_code_is_refused_not_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with open("evil.pt", "wb") as f:
+        pickle.dump({"format": CHECKPOINT_FORMAT, "model": _Evil()}, f, protocol=2)
+    with pytest.raises(CheckpointError, match="refusing to load .*could run code"):
+        load_checkpoint("evil.pt", Net())
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_truncated_checkpoint(tmp_path):
+    model, opt, sched = _trained_state()
+    save_checkpoint(tmp_path / "last.pt", model, opt, sched, 1)
+    data = (tmp_path / "last.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated, corrupted"):
+        load_checkpoint(tmp_path / "cut.pt")
+
+
+@pytest.mark.parametrize("content,match", [
+    (b"hello, I am a text file\n", "not a readable checkpoint"),
+    (b"", "not a readable checkpoint"),
+])
+def test_not_a_checkpoint(tmp_path, content, match):
+    (tmp_path / "x.pt").write_bytes(content)
+    with pytest.raises(CheckpointError, match=match):
+        load_checkpoint(tmp_path / "x.pt")
+
+
+def test_torch_file_of_another_kind(tmp_path):
+    torch.save([1, 2, 3], tmp_path / "list.pt")
+    with pytest.raises(CheckpointError, match="not a checkpoint of this repo"):
+        load_checkpoint(tmp_path / "list.pt")
+
+
+def test_other_architecture(tmp_path):
+    other = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3), torch.nn.Flatten(), torch.nn.Linear(8 * 26 * 26, 10))
+    save_checkpoint(tmp_path / "other.pt", other)
+    with pytest.raises(CheckpointError, match="different architecture than Net"):
+        load_checkpoint(tmp_path / "other.pt", Net())
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint at"):
+        load_checkpoint(tmp_path / "nope.pt")

@@ -1,0 +1,112 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import Net
+from s5 import engine
+from s5.data import get_MNISTdataset_with_loader
+from s5.device import amp_dtype_for, set_seed
+
+
+def test_get_correct_pred_count():
+    pred = torch.tensor([[0.1, 0.9], [0.8, 0.2], [0.3, 0.7]])
+    assert engine.GetCorrectPredCount(pred, torch.tensor([1, 1, 1])) == 2
+    assert isinstance(engine.GetCorrectPredCount(pred, torch.tensor([0, 0, 0])), int)
+
+
+def test_get_optimizer_and_unknown_name():
+    opt = engine.get_optimizer(Net(), "SGD", 0.02, 0.8)
+    assert isinstance(opt, torch.optim.SGD)
+    assert opt.param_groups[0]["lr"] == 0.02 and opt.param_groups[0]["momentum"] == 0.8
+    assert isinstance(engine.get_optimizer(Net(), "Adam", 1e-3, 0), torch.optim.Adam)
+    with pytest.raises(ValueError, match="SGD, Adam"):
+        engine.get_optimizer(Net(), "RMSprop", 0.1, 0.9)
+
+
+def test_get_scheduler_verbose_prints_the_change(capsys):
+    opt = engine.get_optimizer(Net(), "SGD", 0.01, 0.9)
+    sched = engine.get_scheduler(opt, 2, 0.1, True)  # the original's call shape, verbose included
+    for _ in range(2):
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.001)
+    assert "Adjusting learning rate of group 0 to 1.0000e-03." in capsys.readouterr().out
+    with pytest.raises(ValueError, match="StepLR, OneCycleLR"):
+        engine.get_scheduler(opt, name="cosine")
+
+
+def test_get_loss():
+    assert engine.get_loss("nll_loss") is F.nll_loss
+    with pytest.raises(ValueError, match="nll_loss, cross_entropy"):
+        engine.get_loss("mse")
+
+
+def test_recipes():
+    seed = engine.get_recipe("seed")
+    assert (seed.epochs, seed.batch_size, seed.lr, seed.momentum, seed.step_size, seed.gamma) == \
+        (20, 512, 0.01, 0.9, 15, 0.1)
+    assert engine.get_recipe("fast", epochs=7, lr=None).epochs == 7
+    with pytest.raises(ValueError, match="seed, fast"):
+        engine.get_recipe("slow")
+
+
+def test_onecycle_is_stepped_per_batch_by_fit():
+    torch.manual_seed(0)
+    model = Net()
+    x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
+    batches = [(x[i:i + 4], y[i:i + 4]) for i in range(0, 16, 4)]  # any iterable of batches will do
+    recipe = engine.get_recipe("fast", epochs=2)
+    opt, sched, crit = engine.build_training(model, recipe, len(batches))
+    hist = engine.fit(model, torch.device("cpu"), batches, batches, opt, sched, crit, 2, progress=False)
+    assert sched.last_epoch == 8 and hist["epoch"] == [1, 2]
+    assert hist["lr"][0] == pytest.approx(recipe.lr / 25)  # OneCycleLR starts at max_lr / div_factor
+    ref_opt, ref_sched, _ = engine.build_training(Net(), recipe, len(batches))
+    for _ in batches:
+        ref_opt.step()
+        ref_sched.step()
+    assert hist["lr"][1] == pytest.approx(ref_opt.param_groups[0]["lr"])  # epoch 2 starts 4 batch-steps in
+
+
+def test_train_and_test_append_true_means(capsys):
+    torch.manual_seed(0)
+    model = Net()
+    x, y = torch.randn(10, 1, 28, 28), torch.randint(0, 10, (10,))
+    batches = [(x[:8], y[:8]), (x[8:], y[8:])]  # unequal batch sizes
+    losses, acc = [], []
+    engine.test(model, torch.device("cpu"), batches, F.nll_loss, losses, acc, progress=False)
+    with torch.no_grad():
+        out = model(x)
+    assert losses == [pytest.approx(F.nll_loss(out, y).item(), rel=1e-5)]  # per-sample mean, not batch means
+    assert acc == [pytest.approx(100 * engine.GetCorrectPredCount(out, y) / 10)]
+    assert f"Accuracy: {engine.GetCorrectPredCount(out, y)}/10 " in capsys.readouterr().out
+    train_losses, train_acc = [], []
+    opt = engine.get_optimizer(model, "SGD", 0.01, 0.9)
+    batch_stream = (b for b in batches)  # any iterable works, even one without len()
+    engine.train(model, torch.device("cpu"), batch_stream, opt, F.nll_loss, train_losses, train_acc, progress=False)
+    assert len(train_losses) == 1 and train_losses[0] > 0 and 0 <= train_acc[0] <= 100
+
+
+def test_diverging_loss_raises():
+    model = Net()
+    x = torch.randn(8, 1, 28, 28) * 1e3
+    batches = [(x, torch.randint(0, 10, (8,)))] * 5
+    opt = engine.get_optimizer(model, "SGD", 1e6, 0.9)
+    with pytest.raises(engine.TrainingDivergedError, match="lower the learning rate"):
+        engine.train(model, torch.device("cpu"), batches, opt, F.nll_loss, [], [], progress=False)
+
+
+def test_one_real_epoch_reaches_95_percent(mnist_root):
+    """Full training set, batch 64, the default SGD settings (lr 0.01, momentum 0.9), fixed seed."""
+    set_seed(1)
+    device = torch.device("cpu")
+    model = Net().to(memory_format=torch.channels_last)
+    train_loader = get_MNISTdataset_with_loader("train", {"batch_size": 64, "shuffle": True},
+                                                      data_dir=mnist_root, device=device)
+    test_loader = get_MNISTdataset_with_loader("test", {"batch_size": 1000}, data_dir=mnist_root,
+                                                     device=device)
+    assert len(train_loader.dataset) == 60_000
+    opt = engine.get_optimizer(model, "SGD", 0.01, 0.9)
+    sched = engine.get_scheduler(opt, 15, 0.1)
+    hist = engine.fit(model, device, train_loader, test_loader, opt, sched, engine.get_loss("nll_loss"), 1,
+                     amp_dtype=amp_dtype_for(device), progress=False)
+    assert hist["test_acc"][0] >= 95.0

@@ -1,0 +1,42 @@
+import pytest
+import torch
+
+from model import Net
+from s5.data import get_MNISTdataset_with_loader
+from s5.device import set_seed
+from s5.evaluation import confusion_matrix, misclassified, predict_loader
+from s5.plots import plot_confusion_matrix, plot_misclassified
+
+
+@pytest.fixture(scope="module")
+def test_loader(mnist_root):
+    return get_MNISTdataset_with_loader("test", {"batch_size": 1000}, data_dir=mnist_root, device="cpu")
+
+
+def test_confusion_matrix_totals(test_loader, tmp_path):
+    set_seed(0)
+    model = Net()
+    predictions = predict_loader(model, test_loader, "cpu")  # a device as a string, as notebooks write it
+    cm = confusion_matrix(predictions)
+    assert cm.shape == (10, 10) and cm.sum() == 10_000
+    assert cm.sum(1).tolist() == torch.bincount(test_loader.labels, minlength=10).tolist()
+    assert torch.equal(cm.diagonal().sum(), (predictions.log_probs.argmax(1) == predictions.labels).sum())
+    fig = plot_confusion_matrix(cm, tmp_path / "cm.png")
+    assert f"{int(cm.trace())}/10000" in fig.axes[0].get_title() and (tmp_path / "cm.png").exists()
+
+
+def test_misclassified_are_worst_first(test_loader, tmp_path):
+    set_seed(0)
+    model = Net()
+    mistakes = misclassified(predict_loader(model, test_loader, torch.device("cpu"), keep_images=True), k=10)
+    assert len(mistakes) == 10
+    probs = [m["probability"] for m in mistakes]
+    assert probs == sorted(probs, reverse=True)
+    for m in mistakes:
+        assert m["true"] != m["predicted"] and m["image"].shape == (1, 28, 28)
+        out = model(m["image"].unsqueeze(0)).exp()
+        assert out.argmax().item() == m["predicted"]
+    with pytest.raises(ValueError, match="keep_images=True"):
+        misclassified(predict_loader(model, test_loader, "cpu"))
+    fig = plot_misclassified(mistakes, tmp_path / "m.png")
+    assert "true" in fig.axes[0].get_title()
