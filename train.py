@@ -96,10 +96,6 @@ def main(argv=None):
     started = time.perf_counter()
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
-    try:
-        dev = device.get_device(args.device)
-    except ValueError as e:
-        cli.fail(e)
     checkpoint = None
     if args.resume:
         try:
@@ -110,6 +106,10 @@ def main(argv=None):
             cli.fail(f"{args.resume}: {e}" if isinstance(e, ValueError) and not isinstance(
                 e, checkpoints.CheckpointError) else e)
         args = resumed_args(args, argv, checkpoint)
+    try:
+        dev = device.get_device(args.device)
+    except ValueError as e:
+        cli.fail(f"--device: {e}")
     try:
         recipe = engine.get_recipe(args.recipe, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr)
         if checkpoint is not None:
@@ -150,9 +150,9 @@ def train_run(args, dev, recipe, checkpoint, out, started):
                                                              subset=args.train_subset, seed=args.seed)
             test_loader = data.get_MNISTdataset_with_loader(
                 "test", {**loader_kwargs, "batch_size": 256, "shuffle": False}, args.loader, args.data_dir, dev)
+            optimizer, scheduler, criterion = engine.build_training(model, recipe, len(train_loader), verbose=True)
         except (data.MNISTDataError, ValueError) as e:
             cli.fail(e)
-        optimizer, scheduler, criterion = engine.build_training(model, recipe, len(train_loader), verbose=True)
 
         history, start_epoch = engine.new_history(), 1
         if checkpoint is not None:
@@ -185,7 +185,7 @@ def train_run(args, dev, recipe, checkpoint, out, started):
         if start_epoch > recipe.epochs:  # a finished run resumed: its curves are drawn again with the rest
             plt.close(plots.post_accuracyplots(history["train_loss"], history["test_loss"], history["train_acc"],
                                                history["test_acc"], save_path=out / "accuracy_plots.png"))
-        files.atomic_write(out / "model.pt", lambda f: torch.save(model.state_dict(), f))
+        checkpoints.save_weights(out / "model.pt", model)
         predictions = evaluation.predict_loader(model, test_loader, dev, amp_dtype, keep_images=True)  # 1 pass, 2 plots
         plt.close(plots.plot_confusion_matrix(evaluation.confusion_matrix(predictions), out / "confusion_matrix.png"))
         plt.close(plots.plot_misclassified(evaluation.misclassified(predictions, 24), out / "misclassified.png"))

@@ -5,6 +5,7 @@ wrong (missing, truncated, another kind of file, another architecture, keys miss
 CheckpointError.
 """
 
+import io
 import random
 from pathlib import Path
 
@@ -58,7 +59,18 @@ def save_checkpoint(path, model, optimizer=None, scheduler=None, epoch=0, histor
         "rng": rng_state(),
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in (args or {}).items()},
     }
-    atomic_write(path, lambda f: torch.save(state, f))
+    _save(path, state)
+
+
+def save_weights(path, model):
+    """The model's weights alone (a state_dict, as model.pt), written atomically."""
+    _save(path, _unwrapped(model).state_dict())
+
+
+def _save(path, obj):
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)  # serialised in memory first: a full disk then fails with the OS's own errno
+    atomic_write(path, lambda f: f.write(buffer.getbuffer()))
 
 
 def load_checkpoint(path, model=None, map_location="cpu"):

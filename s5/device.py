@@ -34,7 +34,7 @@ def get_device(name=None):
         raise ValueError(f"device {name!r} is not supported here: use cpu, cuda, cuda:N or auto")
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device {name!r} asked for, but CUDA is not available here: use cpu")
+            raise ValueError(f"device {name!r} asked for, but CUDA is not available here: use 'cpu'")
         if (device.index or 0) >= torch.cuda.device_count():
             raise ValueError(f"device {name!r} asked for, but this machine has {torch.cuda.device_count()} "
                              "CUDA device(s): use cuda:0 or cuda")

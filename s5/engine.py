@@ -66,6 +66,11 @@ def get_scheduler(optimizer, step_size=15, gamma=0.1, verbose=False, *, name="St
         cls = _VerboseStepLR if verbose else torch.optim.lr_scheduler.StepLR
         return cls(optimizer, step_size=step_size, gamma=gamma)
     if name == "OneCycleLR":
+        if not isinstance(total_steps, int) or pct_start * total_steps <= 1 or (1 - pct_start) * total_steps <= 1:
+            least = math.floor(1 / min(pct_start, 1 - pct_start)) + 1
+            raise ValueError(f"a one-cycle schedule needs at least {least} optimizer steps to warm up and cool down, "
+                             f"and this run has {total_steps}: train on more images, for more epochs, or with a "
+                             "smaller batch")
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, total_steps=total_steps,
                                                    pct_start=pct_start)
     raise ValueError(f"unknown scheduler {name!r}: use one of {', '.join(SCHEDULERS)}")

@@ -25,4 +25,6 @@ def test_bench_prints_table_then_json(mnist_root):
     conv_rows = [line.split() for line in lines if line.lstrip().startswith("conv")]
     assert [row[0] for row in conv_rows] == ["conv1", "conv2", "conv3", "conv4"]
     assert "input" not in conv_rows[0] and all("input" in row for row in conv_rows[1:])  # images need no grad
-    assert abs(figures["conv_only_ceiling_img_s"] * figures["conv_only_ms_per_batch"] / 1e3 - 64) < 0.1
+    # ceiling = batch / seconds, both printed rounded to 0.1: the product is 64 to within what rounding allows
+    ceiling, ms = figures["conv_only_ceiling_img_s"], figures["conv_only_ms_per_batch"]
+    assert abs(ceiling * ms / 1e3 - 64) <= (ceiling + ms) * 0.05 / 1e3 + 1e-9

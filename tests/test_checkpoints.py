@@ -7,7 +7,14 @@ import pytest
 import torch
 
 from model import Net
-from s5.checkpoints import CHECKPOINT_FORMAT, CheckpointError, load_checkpoint, save_checkpoint, set_rng_state
+from s5.checkpoints import (
+    CHECKPOINT_FORMAT,
+    CheckpointError,
+    check_resumable,
+    load_checkpoint,
+    save_checkpoint,
+    set_rng_state,
+)
 from s5.device import set_seed
 from s5.engine import get_optimizer, get_scheduler, new_history
 
@@ -99,3 +106,27 @@ def test_other_architecture(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(CheckpointError, match="no checkpoint at"):
         load_checkpoint(tmp_path / "nope.pt")
+
+
+def test_nan_weights_are_refused(tmp_path):
+    model = Net()
+    torch.save({k: torch.full_like(v, float("nan")) for k, v in model.state_dict().items()}, tmp_path / "nan.pt")
+    with pytest.raises(CheckpointError, match="NaN or infinite weights"):
+        load_checkpoint(tmp_path / "nan.pt", Net())
+
+
+def test_resume_needs_every_key(tmp_path):
+    model, opt, sched = _trained_state()
+    save_checkpoint(tmp_path / "last.pt", model, opt, sched, 1, {"epoch": [1]}, {"lr": 0.01})
+    check_resumable(load_checkpoint(tmp_path / "last.pt"), tmp_path / "last.pt")
+    save_checkpoint(tmp_path / "bare.pt", model, epoch=1, args={"lr": 0.01})
+    with pytest.raises(CheckpointError, match="cannot be resumed: it lacks optimizer, scheduler, history"):
+        check_resumable(load_checkpoint(tmp_path / "bare.pt"), tmp_path / "bare.pt")
+    with pytest.raises(CheckpointError, match="holds weights only"):
+        check_resumable({"model": {}}, "model.pt")
+
+
+def test_damaged_checkpoint_without_weights(tmp_path):
+    torch.save({"format": CHECKPOINT_FORMAT, "epoch": 3}, tmp_path / "x.pt")
+    with pytest.raises(CheckpointError, match="it has no model weights"):
+        load_checkpoint(tmp_path / "x.pt", Net())

@@ -1,12 +1,19 @@
 
+import io
+import struct
+import zlib
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from conftest import as_photo
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from s5.data import MEAN, STD
-from s5.digits import predict_digits, preprocess_digit
+from s5.digits import ImageInputError, load_digit, predict_digits, preprocess_digit
 from s5.plots import plot_predictions
 
 BACKGROUND = -MEAN / STD
@@ -76,3 +83,125 @@ def test_plot_predictions(trained, tmp_path):
     Image.fromarray(as_photo(digits[1][0], True)).save(tmp_path / "a.png")
     fig = plot_predictions(predict_digits(model, [tmp_path]), save_path=tmp_path / "p.png")
     assert len(fig.axes) == 2 and (tmp_path / "p.png").stat().st_size > 0
+
+
+# --- robustness: what people and hostile files feed predict ------------------------------------------------------
+
+def png_with_chunk(png_bytes, chunk_type, payload):
+    """A PNG with one extra chunk (correct CRC) inserted after IHDR: how crafted files are made."""
+    chunk = struct.pack(">I", len(payload)) + chunk_type + payload
+    chunk += struct.pack(">I", zlib.crc32(chunk_type + payload) & 0xFFFFFFFF)
+    ihdr_end = 8 + 4 + 4 + 13 + 4
+    return png_bytes[:ihdr_end] + chunk + png_bytes[ihdr_end:]
+
+
+def crafted_pngs(good):
+    return {
+        "gama-empty.png": png_with_chunk(good, b"gAMA", b""),
+        "phys-short.png": png_with_chunk(good, b"pHYs", b"\x01"),
+        "ztxt-bomb.png": png_with_chunk(good, b"zTXt", b"Comment\0\0" + zlib.compress(b" " * 50_000_000, 9)),
+    }
+
+
+def test_crafted_pngs_fail_alone(trained, tmp_path):
+    model, _, digits = trained
+    Image.fromarray(as_photo(digits[0][0], True)).save(tmp_path / "good.png")
+    good = (tmp_path / "good.png").read_bytes()
+    for name, data in crafted_pngs(good).items():
+        (tmp_path / name).write_bytes(data)
+    results = {Path(r["path"]).name: r for r in predict_digits(model, tmp_path)}
+    assert results["good.png"]["digit"] == digits[0][1]
+    for name in crafted_pngs(good):
+        assert results[name]["error"].startswith("cannot read it ("), (name, results[name])
+
+
+def rotated_jpeg_with_orientation(digit, path):
+    """The digit stored on its side, with EXIF Orientation=6 saying "turn me 90° clockwise", as phones save photos."""
+    upright = Image.fromarray(as_photo(digit, True)).convert("RGB")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    upright.transpose(Image.Transpose.ROTATE_90).save(path, quality=95, exif=exif)
+
+
+def test_exif_orientation_is_applied(trained, tmp_path):
+    model, _, digits = trained
+    for k, (digit, label) in enumerate(digits):
+        rotated_jpeg_with_orientation(digit, tmp_path / f"{k}.jpg")
+        assert predict_digits(model, tmp_path / f"{k}.jpg")[0]["digit"] == label
+
+
+@pytest.mark.parametrize("kind", ["16-bit", "16-bit scan levels", "float tiff"])
+def test_deep_images_are_scaled_by_their_own_range(trained, tmp_path, kind):
+    model, _, digits = trained
+    for k, (digit, label) in enumerate(digits):
+        ink = as_photo(digit, light_background=False).astype(np.float64) / 255  # 0 paper .. 1 ink
+        if kind == "16-bit":
+            image, path = Image.fromarray(np.uint16(65535 - ink * 65535)), tmp_path / f"{k}.png"
+        elif kind == "16-bit scan levels":  # grey paper at 56000, ink at 8000: no pixel near either end
+            image, path = Image.fromarray(np.uint16(56000 - ink * 48000)), tmp_path / f"{k}.png"
+        else:
+            image, path = Image.fromarray(np.float32(1 - ink), mode="F"), tmp_path / f"{k}.tiff"
+        image.save(path)
+        [result] = predict_digits(model, path)
+        assert result["error"] is None and result["digit"] == label, (kind, result)
+
+
+def test_white_ink_on_a_transparent_canvas(trained, tmp_path):
+    model, _, digits = trained
+    digit, label = digits[1]
+    ink = as_photo(digit, light_background=False)
+    rgba = np.full((*ink.shape, 4), 255, np.uint8)  # white everywhere ...
+    rgba[..., 3] = ink  # ... and only the strokes opaque
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "white.png")
+    assert predict_digits(model, tmp_path / "white.png")[0]["digit"] == label
+
+
+def test_animated_gif_is_refused_with_a_reason(trained, tmp_path):
+    model, _, digits = trained
+    frames = [Image.fromarray(as_photo(d, True)) for d, _ in digits[:3]]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    [result] = predict_digits(model, tmp_path / "anim.gif")
+    assert "animated image (3 frames)" in result["error"]
+
+
+def test_folders_are_searched_recursively_for_every_format_hidden_files_skipped(trained, tmp_path):
+    model, _, digits = trained
+    photo = Image.fromarray(as_photo(digits[0][0], True))
+    (tmp_path / "sub" / "deeper").mkdir(parents=True)
+    (tmp_path / ".hidden").mkdir()
+    for name in ["a.gif", "b.webp", "c.tiff", "d.jfif", "sub/e.png", "sub/deeper/f.JPG", ".hidden/g.png"]:
+        jpeg = name.lower().endswith(("jfif", "jpg"))
+        photo.convert("RGB" if jpeg else "L").save(tmp_path / name, format="JPEG" if jpeg else None)
+    (tmp_path / "._a.png").write_bytes(b"\0\5\26\7 macOS resource fork")
+    (tmp_path / "notes.txt").write_text("not an image, not a candidate")
+    results = predict_digits(model, tmp_path)
+    names = sorted(Path(r["path"]).relative_to(tmp_path).as_posix() for r in results)
+    assert names == ["a.gif", "b.webp", "c.tiff", "d.jfif", "sub/deeper/f.JPG", "sub/e.png"]
+    assert all(r["error"] is None and r["digit"] == digits[0][1] for r in results)
+
+
+def test_a_single_path_is_one_file_not_its_characters(trained, tmp_path):
+    model, _, digits = trained
+    Image.fromarray(as_photo(digits[0][0], True)).save(tmp_path / "x.png")
+    assert len(predict_digits(model, str(tmp_path / "x.png"))) == 1
+    assert len(predict_digits(model, tmp_path / "x.png", device="cpu")) == 1
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(junk=st.binary(max_size=600), cut=st.integers(0, 400), flips=st.lists(st.integers(0, 10_000), max_size=6))
+def test_any_bytes_give_a_digit_or_an_image_input_error(tmp_path, junk, cut, flips):
+    """Random bytes, and real PNG/GIF/BMP/TIFF files cut short or with flipped bytes: never anything but one of two."""
+    buf = io.BytesIO()
+    fmt = ["PNG", "GIF", "BMP", "TIFF"][cut % 4]
+    Image.fromarray(np.uint8(np.random.default_rng(cut).integers(0, 255, (30, 20)))).save(buf, format=fmt)
+    data = bytearray(buf.getvalue())
+    for i in flips:
+        data[i % len(data)] ^= 0xFF
+    for k, content in enumerate([junk, bytes(data[:len(data) - cut]), bytes(data)]):
+        path = tmp_path / f"f{k}"
+        path.write_bytes(content)
+        try:
+            x = load_digit(path)
+        except ImageInputError:
+            continue
+        assert x.shape == (1, 28, 28) and torch.isfinite(x).all()

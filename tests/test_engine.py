@@ -110,3 +110,55 @@ def test_one_real_epoch_reaches_95_percent(mnist_root):
     hist = engine.fit(model, device, train_loader, test_loader, opt, sched, engine.get_loss("nll_loss"), 1,
                      amp_dtype=amp_dtype_for(device), progress=False)
     assert hist["test_acc"][0] >= 95.0
+
+
+def test_one_cycle_with_too_few_steps_is_refused():
+    opt = engine.get_optimizer(Net(), "SGD", 0.01, 0.9)
+    with pytest.raises(ValueError, match="needs at least 5 optimizer steps.*has 4"):
+        engine.get_scheduler(opt, name="OneCycleLR", max_lr=0.1, total_steps=4)
+    engine.get_scheduler(opt, name="OneCycleLR", max_lr=0.1, total_steps=5)
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"epochs": 0}, "epochs=0"), ({"batch_size": -5}, "batch_size=-5"), ({"lr": float("nan")}, "lr=nan"),
+    ({"lr": -1}, "lr=-1"), ({"momentum": 2}, "momentum=2"), ({"epoch": 3}, "a recipe has"),
+])
+def test_get_recipe_refuses_impossible_values(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        engine.get_recipe("fast", **overrides)
+
+
+def test_loops_take_devices_as_pytorch_does():
+    """"cpu", "cuda:0" and torch.device all work where a device is taken, as in most notebooks."""
+    torch.manual_seed(0)
+    model = Net()
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    batches = [(x[:4], y[:4]), (x[4:], y[4:])]
+    opt = engine.get_optimizer(model, "SGD", 0.01, 0.9)
+    for device in ("cpu", torch.device("cpu")):
+        train_losses, train_acc, test_losses, test_acc = [], [], [], []
+        engine.train(model, device, batches, opt, F.nll_loss, train_losses, train_acc, progress=False)
+        engine.test(model, device, batches, F.nll_loss, test_losses, test_acc, progress=False)
+        assert len(train_losses) == len(test_acc) == 1
+    hist = engine.fit(model, "cpu", batches, batches, opt, None, F.nll_loss, 1, progress=False)
+    assert hist["epoch"] == [1] and len(hist["elapsed_seconds"]) == 1
+    with pytest.raises(ValueError, match="unknown device 'gpu0'"):
+        engine.train(model, "gpu0", batches, opt, F.nll_loss, [], [], progress=False)
+
+
+def test_empty_loaders_are_one_line_errors():
+    model = Net()
+    opt = engine.get_optimizer(model, "SGD", 0.01, 0.9)
+    with pytest.raises(ValueError, match="gave no batches"):
+        engine.train(model, "cpu", [], opt, F.nll_loss, [], [], progress=False)
+    with pytest.raises(ValueError, match="gave no batches"):
+        engine.test(model, "cpu", [], F.nll_loss, [], [], progress=False)
+
+
+def test_history_from_an_old_checkpoint_is_read_back():
+    old = {"epoch": [1], "lr": [0.01], "train_losses": [0.5], "train_acc": [90.0], "test_losses": [0.2],
+           "test_acc": [97.0], "train_seconds": [40.0], "elapsed_seconds": [45.0]}
+    history = engine.new_history(old)
+    assert history["train_loss"] == [0.5] and history["test_loss"] == [0.2] and set(history) == set(engine.EPOCH_RECORD)
+    with pytest.raises(ValueError, match="one value of each metric per epoch"):
+        engine.new_history({**old, "test_acc": []})

@@ -1,5 +1,8 @@
 """train.py end to end, in subprocesses, as a user runs it (one in-process test counts plot redraws)."""
 import csv
+import os
+import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,6 +15,7 @@ from conftest import REPO
 from s5 import plots
 from s5.checkpoints import load_checkpoint
 from s5.data import raw_dir
+from s5.files import RunDir
 
 
 def run_train(*args, **kw):
@@ -123,3 +127,276 @@ def test_accuracy_plot_redrawn_at_most_every_plot_every_s(tmp_path, mnist_root, 
                 "--epochs", "3", "--data-dir", str(mnist_root), "--out", str(tmp_path / "run")])
     assert drawn == drawn_after  # the number of epochs each redraw showed
     assert (tmp_path / "run" / "accuracy_plots.png").stat().st_size > 0
+
+
+# --- robustness: every bad input is a one-line error, and nothing is lost ---------------------------------------
+
+TINY = ["--recipe", "seed", "--train-subset", "256", "--batch-size", "64", "--seed", "3", "--deterministic"]
+
+
+def assert_one_line_error(done, code, *needles):
+    assert done.returncode == code, (done.returncode, done.stderr[-2000:])
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr[-2000:]
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+def snapshot(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--epochs", "0"], "--epochs: 0 is out of range"),
+    (["--epochs", "-1"], "--epochs: -1 is out of range"),
+    (["--batch-size", "0"], "--batch-size: 0 is out of range"),
+    (["--batch-size", "-5"], "--batch-size: -5 is out of range"),
+    (["--lr", "-1"], "--lr: -1 is out of range"),
+    (["--lr", "nan"], "--lr: nan is out of range"),
+    (["--train-subset", "0"], "--train-subset: 0 is out of range"),
+    (["--train-subset", "-1"], "--train-subset: -1 is out of range"),
+    (["--loader", "classic", "--train-subset", "10000000"], "--train-subset: 10000000 is out of range: give 1 to"),
+    (["--workers", "-1"], "--workers: -1 is out of range"),
+    (["--seed", "-1"], "--seed: -1 is out of range"),
+    (["--device", "tpu"], "device 'tpu'"),
+    (["--device", "garbage"], "unknown device 'garbage'"),
+])
+def test_impossible_flags_fail_before_any_work(tmp_path, capsys, flags, needle):
+    """In-process (the same parser and checks as the command line, without a second of start-up per case)."""
+    import train
+
+    with pytest.raises(SystemExit) as stop:
+        train.main([*flags, "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "out")])
+    done = subprocess.CompletedProcess([], stop.value.code, "", capsys.readouterr().err)
+    assert_one_line_error(done, 2, needle)
+    assert not (tmp_path / "data").exists() and not (tmp_path / "out").exists()  # nothing read, nothing made
+
+
+def test_impossible_flag_from_the_command_line(tmp_path):
+    done = run_train("--lr", "nan", "--data-dir", tmp_path / "data")
+    assert_one_line_error(done, 2, "argument --lr: nan is out of range: give a number above 0")
+
+
+def test_too_few_steps_for_one_cycle_is_one_line(tmp_path, mnist_root):
+    done = run_train(*SMALL, "--train-subset", "256", "--epochs", "1", "--data-dir", mnist_root,
+                     "--out", tmp_path / "o")
+    assert_one_line_error(done, 2, "a one-cycle schedule needs at least 5 optimizer steps", "this run has 4")
+
+
+@pytest.mark.parametrize("where", ["file", "proc"])
+def test_unusable_out_fails_before_reading_data(tmp_path, where):
+    out = tmp_path / "a-file" if where == "file" else "/proc/s5-no-such-place/run"
+    if where == "file":
+        out.write_text("keep me")
+    done = run_train("--data-dir", tmp_path / "data", "--out", out)
+    assert_one_line_error(done, 2, "is a file, not a folder" if where == "file" else "cannot create the output folder")
+    assert not (tmp_path / "data").exists()
+    if where == "file":
+        assert out.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("where", ["file", "proc"])
+def test_unusable_data_dir_is_one_line(tmp_path, where):
+    data_dir = tmp_path / "a-file" if where == "file" else "/proc/s5-no-such-place"
+    if where == "file":
+        data_dir.write_text("not a folder")
+    done = run_train("--data-dir", data_dir, "--out", tmp_path / "out")
+    assert_one_line_error(done, 2, "cannot write MNIST into")
+    assert not (tmp_path / "out" / "last.pt").exists()
+
+
+def test_out_folder_holding_other_files_is_left_alone(tmp_path, mnist_root):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "accuracy_plots.png").write_bytes(b"the README's picture")
+    (docs / "notes.txt").write_text("mine")
+    before = snapshot(docs)
+    done = run_train(*TINY, "--epochs", "1", "--data-dir", mnist_root, "--out", docs)
+    assert_one_line_error(done, 2, "is not empty", "accuracy_plots.png")
+    assert snapshot(docs) == before
+
+
+def test_two_runs_into_one_folder_one_is_refused(tmp_path, mnist_root):
+    out = tmp_path / "shared"
+    cmd = [sys.executable, str(REPO / "train.py"), "--no-progress", *TINY, "--epochs", "2", "--data-dir",
+           str(mnist_root), "--out", str(out)]
+    procs = [subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    results = sorted((p.wait(timeout=300), p.stderr.read()) for p in procs)
+    assert [code for code, _ in results] == [0, 2], results
+    assert "another process is running the run in" in results[1][1] or "already holds a run" in results[1][1]
+    assert [r["epoch"] for r in read_metrics(out / "metrics.csv")] == ["1", "2"]  # the winner's run, whole
+
+
+def test_best_checkpoint_is_never_behind_the_last_one(tmp_path, mnist_root, monkeypatch):
+    """Killed between an epoch's two saves: best.pt must not be older than the best epoch last.pt records."""
+    import train
+
+    saves = []
+    real = train.checkpoints.save_checkpoint
+
+    def dies_at_the_second_save(path, *args, **kwargs):
+        saves.append(path.name)
+        if len(saves) == 2:  # epoch 1 improves, so it saves twice: die between the two
+            raise KeyboardInterrupt
+        real(path, *args, **kwargs)
+
+    monkeypatch.setattr(train.checkpoints, "save_checkpoint", dies_at_the_second_save)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as stop:
+        train.main([*TINY, "--no-progress", "--epochs", "2", "--data-dir", str(mnist_root), "--out", str(out)])
+    assert stop.value.code == 130
+    if (out / "last.pt").exists():
+        last = load_checkpoint(out / "last.pt")
+        accs = last["history"]["test_acc"]
+        best_epoch = last["history"]["epoch"][accs.index(max(accs))]
+        assert load_checkpoint(out / "best.pt")["epoch"] >= best_epoch
+    assert saves[0] == "best.pt"
+
+
+@pytest.fixture(scope="module")
+def finished_run(mnist_root, tmp_path_factory):
+    """A finished one-epoch run of the `seed` recipe (StepLR: it can be extended)."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    done = run_train(*TINY, "--epochs", "1", "--data-dir", mnist_root, "--out", out)
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+def copy_of(run, tmp_path):
+    target = tmp_path / "run"
+    shutil.copytree(run, target)
+    return target
+
+
+@pytest.mark.parametrize("flags, name", [
+    (["--lr", "0.1"], "--lr"), (["--batch-size", "32"], "--batch-size"), (["--recipe", "fast"], "--recipe"),
+    (["--seed", "9"], "--seed"), (["--train-subset", "100"], "--train-subset"), (["--loader", "classic"], "--loader"),
+])
+def test_resume_refuses_flags_that_define_the_run(finished_run, tmp_path, flags, name):
+    run = copy_of(finished_run, tmp_path)
+    before = snapshot(run)
+    done = run_train("--resume", run / "last.pt", *flags)
+    assert_one_line_error(done, 2, f"{name} cannot change when resuming")
+    assert snapshot(run) == before
+
+
+def test_resume_extends_a_finished_run_and_cleans_stale_temporaries(finished_run, tmp_path, mnist_root):
+    run = copy_of(finished_run, tmp_path)
+    (run / ".last.pt.killed.tmp").write_bytes(b"half a checkpoint from a killed save")
+    moved = tmp_path / "moved-data"
+    raw_dir(moved).mkdir(parents=True)
+    for f in raw_dir(mnist_root).iterdir():
+        (raw_dir(moved) / f.name).symlink_to(f)
+    done = run_train("--resume", run / "last.pt", "--epochs", "2", "--data-dir", moved, "--device", "cpu")
+    assert done.returncode == 0, done.stderr
+    assert f"resuming {run / 'last.pt'} at epoch 2" in done.stdout
+    assert [r["epoch"] for r in read_metrics(run / "metrics.csv")] == ["1", "2"]
+    state = load_checkpoint(run / "last.pt")
+    assert state["epoch"] == 2 and state["args"]["data_dir"] == str(moved)
+    assert not list(run.glob("*.tmp"))
+
+
+def test_resume_of_a_finished_run_writes_its_final_outputs(finished_run, tmp_path):
+    run = copy_of(finished_run, tmp_path)
+    for name in ("model.pt", "confusion_matrix.png", "misclassified.png"):
+        (run / name).unlink()  # as if it was killed while drawing the final plots
+    done = run_train("--resume", run / "last.pt")
+    assert done.returncode == 0, done.stderr
+    assert "has all 1 epochs done: writing the final outputs" in done.stdout and "resuming" not in done.stdout
+    assert all((run / name).stat().st_size > 0 for name in ("model.pt", "confusion_matrix.png", "misclassified.png"))
+    assert len(read_metrics(run / "metrics.csv")) == 1
+
+
+def test_resume_cannot_stretch_a_one_cycle_schedule(tmp_path, mnist_root):
+    out = tmp_path / "fast"
+    assert run_train(*SMALL, "--train-subset", "512", "--epochs", "1", "--data-dir", mnist_root, "--out",
+                     out).returncode == 0
+    done = run_train("--resume", out / "last.pt", "--epochs", "3")
+    assert_one_line_error(done, 2, "--epochs cannot change for a 'fast' run")
+    assert_one_line_error(run_train("--resume", out / "last.pt", "--out", tmp_path / "elsewhere"), 2,
+                          "--out cannot change when resuming")
+
+
+def test_resume_on_another_machine_asks_for_what_moved(finished_run, tmp_path, mnist_root):
+    run = copy_of(finished_run, tmp_path)
+    state = load_checkpoint(run / "last.pt")
+    state["args"].update(device="cuda", data_dir=str(tmp_path / "gone"))  # saved on a GPU machine, data elsewhere
+    torch.save(state, run / "last.pt")
+    if not torch.cuda.is_available():
+        assert_one_line_error(run_train("--resume", run / "last.pt", "--data-dir", mnist_root), 2,
+                              "--device: device 'cuda' asked for, but CUDA is not available here")
+    done = run_train("--resume", run / "last.pt", "--device", "cpu")
+    assert_one_line_error(done, 2, f"the run's data folder {tmp_path / 'gone'} is gone: give --data-dir")
+    assert not (tmp_path / "gone").exists()  # not re-created where the old machine had it
+
+
+def test_resume_of_a_checkpoint_with_missing_keys(finished_run, tmp_path):
+    run = copy_of(finished_run, tmp_path)
+    state = load_checkpoint(run / "last.pt")
+    del state["optimizer"], state["rng"]
+    torch.save(state, run / "last.pt")
+    assert_one_line_error(run_train("--resume", run / "last.pt"), 2, "cannot be resumed: it lacks optimizer, rng")
+
+
+def test_a_failed_checkpoint_write_keeps_the_previous_one(finished_run, tmp_path):
+    """A full disk, simulated with a file-size limit (writes past it fail with EFBIG, as ENOSPC would)."""
+    run = copy_of(finished_run, tmp_path)
+    before = (run / "last.pt").read_bytes()
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))  # 1 MB: a checkpoint is ~5 MB
+
+    done = run_train("--resume", run / "last.pt", "--epochs", "2", preexec_fn=small_files)
+    assert_one_line_error(done, 1, "cannot write", "(File too large)", "continue with python train.py --resume")
+    assert (run / "last.pt").read_bytes() == before  # the previous checkpoint, intact
+    assert load_checkpoint(run / "last.pt")["epoch"] == 1
+    assert not list(run.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupted_runs_say_what_was_kept(tmp_path, mnist_root, sig):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), "--no-progress", *SMALL, "--epochs", "4",
+                             "--data-dir", str(mnist_root), "--out", str(out)], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    wait_for = (lambda: (out / "metrics.csv").exists()) if sig == signal.SIGINT else (lambda: True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not wait_for():
+        time.sleep(0.05)
+    if sig == signal.SIGTERM:
+        while "Epoch 1" not in (proc.stdout.readline() or "Epoch 1"):
+            pass  # in the first epoch: nothing saved yet
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    done = subprocess.CompletedProcess(proc.args, proc.returncode, "", err)
+    if sig == signal.SIGINT:
+        assert_one_line_error(done, 130, "interrupted", f"continue with python train.py --resume {out / 'last.pt'}")
+        assert load_checkpoint(out / "last.pt")["epoch"] >= 1
+    else:
+        assert_one_line_error(done, 130, "interrupted before the first epoch ended, so nothing was saved")
+        assert not (out / "last.pt").exists()
+        assert run_train(*TINY, "--epochs", "1", "--data-dir", mnist_root, "--out",
+                         out).returncode == 0  # the folder can be used again
+
+
+def test_interrupt_while_drawing_the_final_plots(tmp_path, mnist_root, monkeypatch):
+    import train
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train.plots, "plot_misclassified", interrupted)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as stop:
+        train.main([*TINY, "--no-progress", "--epochs", "1", "--data-dir", str(mnist_root), "--out", str(out)])
+    assert stop.value.code == 130
+    assert (out / "model.pt").exists() and load_checkpoint(out / "last.pt")["epoch"] == 1
+
+
+def test_default_run_folders_are_never_shared(tmp_path):
+    first = RunDir.claim_new(tmp_path, "seed-20261125-120000")
+    second = RunDir.claim_new(tmp_path, "seed-20261125-120000")  # same second, same recipe
+    assert first.path != second.path and second.path.name == "seed-20261125-120000-2"
+    first.release()
+    second.release()
