@@ -20,9 +20,10 @@ import matplotlib
 matplotlib.use("Agg")  # headless: figures go to files
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 
 from model import Net  # noqa: E402
-from s5 import checkpoints, cli, data, device, engine, evaluation, files, plots  # noqa: E402
+from s5 import checkpoints, cli, data, device, distributed, engine, evaluation, files, plots  # noqa: E402
 
 PLOT_EVERY_S = 30.0  # redraw accuracy_plots.png at most this often: a redraw can take most of a GPU epoch
 # On --resume these may change (where the data is, where and how it runs, how long); the rest defines the run.
@@ -107,12 +108,17 @@ def main(argv=None):
                 e, checkpoints.CheckpointError) else e)
         args = resumed_args(args, argv, checkpoint)
     try:
-        dev = device.get_device(args.device)
+        dev = device.get_device(args.device)  # checked in every process, before a group forms
+        ctx, group_device = distributed.setup(args.device)
+        dev = group_device or dev  # under torchrun on CUDA: the GPU of this process's LOCAL_RANK
     except ValueError as e:
         cli.fail(f"--device: {e}")
+    run_dir = None
     try:
         recipe = engine.get_recipe(args.recipe, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr)
-        if checkpoint is not None:
+        if not ctx.is_main:
+            pass  # only rank 0 owns the output folder; the others learn its name below
+        elif checkpoint is not None:
             run_dir = files.RunDir.claim(args.out, resume=True)
         elif args.out:
             run_dir = files.RunDir.claim(args.out)
@@ -120,37 +126,52 @@ def main(argv=None):
             run_dir = files.RunDir.claim_new("runs", f"{recipe.name}-{files.timestamp()}")
     except (ValueError, files.OutputError) as e:
         cli.fail(e)
+    out = Path(distributed.broadcast(str(run_dir.path) if run_dir else None))
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        history = train_run(args, dev, recipe, checkpoint, run_dir.path, started)
+        history = train_run(args, dev, ctx, recipe, checkpoint, out, started)
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        run_dir.release()
-    print(f"final test accuracy {history['test_acc'][-1]:.2f}% (best {max(history['test_acc']):.2f}%), "
-          f"{history['elapsed_seconds'][-1]:.0f} s; outputs in {run_dir.path}/")
+        if run_dir:
+            run_dir.release()
+        distributed.teardown()
+    if ctx.is_main:
+        print(f"final test accuracy {history['test_acc'][-1]:.2f}% (best {max(history['test_acc']):.2f}%), "
+              f"{history['elapsed_seconds'][-1]:.0f} s; outputs in {out}/")
 
 
-def train_run(args, dev, recipe, checkpoint, out, started):
-    """Data, model, the epoch loop and the final outputs, in the claimed folder `out`; returns the history."""
+def train_run(args, dev, ctx, recipe, checkpoint, out, started):
+    """Data, model, the epoch loop and the final outputs, in the claimed folder `out`; returns the history.
+
+    Under torchrun every process runs this; rank 0 alone prints, writes files and draws.
+    """
+    say = print if ctx.is_main else (lambda *a, **k: None)
     try:
         device.set_seed(args.seed, args.deterministic)
         torch.backends.cudnn.benchmark = not args.deterministic  # time convolution algorithms once, keep the fastest
         if dev.type == "cpu":
             device.keep_freed_memory()  # reuse each step's activation buffers instead of page-faulting fresh ones
         amp_dtype = device.amp_dtype_for(dev, args.amp)
-        print(f"device {dev}, precision {amp_dtype or torch.float32}, loader {args.loader}, recipe {recipe}")
+        say(f"device {dev}, precision {amp_dtype or torch.float32}, loader {args.loader}, recipe {recipe}"
+            + (f", {ctx.world_size} processes (the batch size is global)" if ctx.active else ""))
 
         model = Net().to(dev)
         if args.channels_last:
             model = model.to(memory_format=torch.channels_last)
         loader_kwargs = {"batch_size": recipe.batch_size, "shuffle": True, "num_workers": args.workers,
                          "pin_memory": True}
+        shard = (ctx.rank, ctx.world_size)
+        test_kwargs = {**loader_kwargs, "batch_size": 256, "shuffle": False}
         try:
+            if ctx.local_rank == 0:
+                data.ensure_mnist(args.data_dir)  # one fetch a machine, before its other processes read
+            distributed.barrier()
             train_loader = data.get_MNISTdataset_with_loader("train", loader_kwargs, args.loader, args.data_dir, dev,
-                                                             subset=args.train_subset, seed=args.seed)
-            test_loader = data.get_MNISTdataset_with_loader(
-                "test", {**loader_kwargs, "batch_size": 256, "shuffle": False}, args.loader, args.data_dir, dev)
-            optimizer, scheduler, criterion = engine.build_training(model, recipe, len(train_loader), verbose=True)
+                                                             subset=args.train_subset, seed=args.seed, shard=shard)
+            test_loader = data.get_MNISTdataset_with_loader("test", test_kwargs, args.loader, args.data_dir, dev,
+                                                            shard=shard)
+            optimizer, scheduler, criterion = engine.build_training(model, recipe, len(train_loader),
+                                                                    verbose=ctx.is_main)
         except (data.MNISTDataError, ValueError) as e:
             cli.fail(e)
 
@@ -161,13 +182,15 @@ def train_run(args, dev, recipe, checkpoint, out, started):
             scheduler.load_state_dict(checkpoint["scheduler"])
             checkpoints.set_rng_state(checkpoint["rng"])
             history, start_epoch = checkpoint["history"], checkpoint["epoch"] + 1
-            print(f"resuming {args.resume} at epoch {start_epoch}" if start_epoch <= recipe.epochs else
+            say(f"resuming {args.resume} at epoch {start_epoch}" if start_epoch <= recipe.epochs else
                   f"{args.resume} has all {recipe.epochs} epochs done: writing the final outputs")
         run_args = vars(args) | {"out": str(out), "epochs": recipe.epochs}
         plotted_at = -PLOT_EVERY_S
 
         def on_epoch_end(epoch, hist):
             nonlocal plotted_at
+            if not ctx.is_main:
+                return
             # best.pt before last.pt: a kill between the two never leaves best.pt behind the history in last.pt.
             if hist["test_acc"][-1] > max(hist["test_acc"][:-1], default=-1.0):
                 checkpoints.save_checkpoint(out / "best.pt", model, optimizer, scheduler, epoch, hist, run_args)
@@ -179,9 +202,19 @@ def train_run(args, dev, recipe, checkpoint, out, started):
                 plt.close(plots.post_accuracyplots(hist["train_loss"], hist["test_loss"], hist["train_acc"],
                                                    hist["test_acc"], save_path=out / "accuracy_plots.png"))
 
-        engine.fit(model, dev, train_loader, test_loader, optimizer, scheduler, criterion, recipe.epochs,
+        # Data-parallel: gradients averaged across processes; checkpoints save the plain `model` (no "module.").
+        trained = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None) \
+            if ctx.active else model
+        engine.fit(trained, dev, train_loader, test_loader, optimizer, scheduler, criterion, recipe.epochs,
                    history=history, start_epoch=start_epoch, amp_dtype=amp_dtype, on_epoch_end=on_epoch_end,
                    progress=args.progress, started=started)
+        if ctx.active:
+            if not distributed.same_on_every_rank(list(model.parameters())):
+                cli.fail("the processes ended with different weights: a bug, please report it", cli.EXIT_FAILED)
+            say(f"weights identical in all {ctx.world_size} processes")
+            if not ctx.is_main:
+                return history
+            test_loader = data.get_MNISTdataset_with_loader("test", test_kwargs, args.loader, args.data_dir, dev)
         if start_epoch > recipe.epochs:  # a finished run resumed: its curves are drawn again with the rest
             plt.close(plots.post_accuracyplots(history["train_loss"], history["test_loss"], history["train_acc"],
                                                history["test_acc"], save_path=out / "accuracy_plots.png"))
@@ -192,12 +225,20 @@ def train_run(args, dev, recipe, checkpoint, out, started):
         return history
     except engine.TrainingDivergedError as e:
         kept = f"; the last good epoch is in {out / 'last.pt'}" if (out / "last.pt").exists() else ""
-        cli.fail(f"{e} (try a new run with --lr below {recipe.lr:g}){kept}", cli.EXIT_FAILED)
+        _fail(ctx, f"{e} (try a new run with --lr below {recipe.lr:g}){kept}", cli.EXIT_FAILED)
     except files.OutputError as e:
-        cli.fail(f"{e}{_resume_hint(out)}", cli.EXIT_FAILED)
+        _fail(ctx, f"{e}{_resume_hint(out)}", cli.EXIT_FAILED)
     except KeyboardInterrupt:
-        print(file=sys.stderr)  # end the progress bar's line
-        cli.fail(f"interrupted{_resume_hint(out)}", cli.EXIT_INTERRUPTED)
+        if ctx.is_main:
+            print(file=sys.stderr)  # end the progress bar's line
+        _fail(ctx, f"interrupted{_resume_hint(out)}", cli.EXIT_INTERRUPTED)
+
+
+def _fail(ctx, message, code):
+    """One line from rank 0; the other processes of a group end with the same code, silently."""
+    if ctx.is_main:
+        cli.fail(message, code)
+    raise SystemExit(code)
 
 
 def _interrupt(signum, frame):

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 from torchvision import datasets, transforms
 
 REPO_DIR = Path(__file__).resolve().parents[1]
@@ -293,10 +293,15 @@ class FastMNISTLoader:
 
     Epoch e is shuffled and augmented from seed + e, so a run is reproducible and a resumed run
     sees the same batches (`set_epoch`, as with DistributedSampler; iterating also advances it).
+
+    Sharded (`rank` of `world_size` processes): every process draws the same permutation and the same
+    augmentation for the whole global batch of `batch_size`, and keeps its contiguous share of it, so the
+    processes' batches at a step together are exactly the single-process batch, whatever the number of
+    processes. `len()` is the number of global batches, the same on every process.
     """
 
     def __init__(self, images, labels, batch_size=512, shuffle=False, augment=False, device=None,
-                 seed=None, drop_last=False):
+                 seed=None, drop_last=False, rank=0, world_size=1):
         self.device = torch.device(device) if device is not None else torch.device(
             "cuda" if torch.cuda.is_available() else "cpu")
         self.images = images.to(self.device)  # uint8: 47 MB for the training split
@@ -307,6 +312,9 @@ class FastMNISTLoader:
         # Drawn from the global RNG when not given, so set_seed() makes it reproducible.
         self.seed = int(seed) if seed is not None else int(torch.randint(2**31 - 1, ()).item())
         self.epoch = 0
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank} of world_size={world_size}: give 0 <= rank < world_size")
+        self.rank, self.world_size = rank, world_size
 
     def set_epoch(self, epoch):
         self.epoch = epoch
@@ -326,10 +334,22 @@ class FastMNISTLoader:
             order = torch.arange(n, device=self.device)
         for i in range(len(self)):
             idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+            draws = sample_augmentation(len(idx), gen, self.device) if self.augment else None
+            if self.world_size > 1:
+                share = self._share(len(idx))
+                idx = idx[share]
+                if draws is not None:
+                    draws = tuple(d[share] for d in draws)
             x = self.images[idx].unsqueeze(1).float().div_(255)
-            if self.augment:
-                x = augment_batch(x, *sample_augmentation(len(idx), gen, self.device))
+            if self.augment and len(idx):  # a process's share of a last, tiny batch can be empty
+                x = augment_batch(x, *draws)
             yield x.sub_(MEAN).div_(STD), self.labels[idx]
+
+    def _share(self, n):
+        """This rank's contiguous part of a global batch of n (sizes differ by at most one, as tensor_split)."""
+        base, extra = divmod(n, self.world_size)
+        start = self.rank * base + min(self.rank, extra)
+        return slice(start, start + base + (self.rank < extra))
 
 
 LOADERS = ("fast", "classic")
@@ -337,14 +357,16 @@ _WORKER_KWARGS = {"num_workers", "pin_memory", "persistent_workers", "prefetch_f
 
 
 def get_MNISTdataset_with_loader(datasettype, kwargs=None, loader="fast", data_dir=None, device=None,
-                                 subset=None, seed=None, checksums=MNIST_MD5):
+                                 subset=None, seed=None, checksums=MNIST_MD5, shard=(0, 1)):
     """The loader for the 'train' or 'test' split, with DataLoader-style kwargs.
 
     The same kwargs serve both loaders: batch_size, shuffle, drop_last, num_workers, pin_memory (the fast
     loader has no workers and ignores the last two). loader='fast' (default) returns a FastMNISTLoader on
     `device`; loader='classic' returns the original torchvision-style DataLoader with per-image PIL
     transforms. Both read the same verified files. `subset` keeps the first N images; `seed` fixes the fast
-    loader's shuffling and augmentation.
+    loader's shuffling and augmentation. `shard=(rank, world_size)` gives process `rank` its share of every
+    global batch of `batch_size` (the classic loader through a DistributedSampler, batch_size // world_size
+    images a process).
     """
     if datasettype not in ("train", "test"):
         raise ValueError(f"unknown datasettype {datasettype!r}: use 'train' or 'test'")
@@ -366,10 +388,19 @@ def get_MNISTdataset_with_loader(datasettype, kwargs=None, loader="fast", data_d
             raise ValueError(f"subset={subset} is more than the {len(labels):,} images of the {datasettype} "
                              "split: give at most that, or None for all")
         images, labels = images[:subset], labels[:subset]
+    rank, world_size = shard
     if loader == "fast":
         return FastMNISTLoader(images, labels, kwargs["batch_size"], kwargs.get("shuffle", False), augment=train,
-                               device=device, seed=seed, drop_last=kwargs.get("drop_last", False))
+                               device=device, seed=seed, drop_last=kwargs.get("drop_last", False), rank=rank,
+                               world_size=world_size)
     dataset = MNISTImages(images, labels, get_train_transforms() if train else get_test_transforms())
+    if world_size > 1:
+        if kwargs["batch_size"] % world_size:
+            raise ValueError(f"batch size {kwargs['batch_size']} does not split evenly over {world_size} processes: "
+                             f"give a multiple of {world_size} for the classic loader")
+        kwargs["sampler"] = DistributedSampler(dataset, world_size, rank, shuffle=kwargs.pop("shuffle", False),
+                                               seed=seed or 0, drop_last=kwargs.get("drop_last", False))
+        kwargs["batch_size"] //= world_size
     # Pinned memory only helps copies to a GPU; without CUDA it warns and wastes RAM.
     kwargs["pin_memory"] = bool(kwargs.get("pin_memory", False)) and torch.cuda.is_available()
     if kwargs.get("num_workers", 0) > 0:

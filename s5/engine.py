@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from s5 import distributed
 from s5.device import as_device
 from s5.evaluation import predict_loader
 
@@ -156,25 +157,34 @@ def train(model, device, train_loader, optimizer, criterion, train_losses, train
 
     `scheduler`, when given, is stepped after every batch (OneCycleLR); epoch-wise schedulers are
     stepped by the caller. Raises TrainingDivergedError as soon as the loss is NaN or infinite.
+    In a process group (torchrun) the figures are over all processes' batches, and each process's loss is
+    weighted by its share of the global batch, so DistributedDataParallel's gradient average is the
+    single-process gradient even when the shares differ (a last, smaller batch).
     """
     device = as_device(device)
+    ctx = distributed.current()
     model.train()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
-    processed, batch_idx, loss = 0, -1, None
-    pbar = tqdm(train_loader, disable=not progress, dynamic_ncols=True, leave=False)
+    processed = torch.zeros((), dtype=torch.int64, device=device)
+    batch_idx, loss = -1, None
+    pbar = tqdm(train_loader, disable=not (progress and ctx.is_main), dynamic_ncols=True, leave=False)
     for batch_idx, (data, target) in enumerate(pbar):
         data, target = data.to(device, non_blocking=True), target.to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             output = model(data)
-            loss = criterion(output, target)
+            loss = criterion(output, target) if len(target) else output.sum() * 0.0  # an empty share adds nothing
+        step_loss = loss
+        if ctx.active:
+            n_global = distributed.all_sum(torch.tensor(len(target), device=device))[0]
+            step_loss = loss * (len(target) * ctx.world_size / n_global)
         if scaler is not None:
-            scaler.scale(loss).backward()
+            scaler.scale(step_loss).backward()
             scaler.step(optimizer)
             scaler.update()
         else:
-            loss.backward()
+            step_loss.backward()
             optimizer.step()
         if scheduler is not None:
             scheduler.step()
@@ -183,33 +193,46 @@ def train(model, device, train_loader, optimizer, criterion, train_losses, train
         processed += len(target)
         if batch_idx % REFRESH_EVERY == 0:
             _check_and_show(pbar, loss_sum, correct, processed, batch_idx, loss)
-    if processed == 0:
+    if batch_idx < 0:
         raise ValueError("the training loader gave no batches: nothing to train on")
-    _check_and_show(pbar, loss_sum, correct, processed, batch_idx, loss)
-    train_losses.append(loss_sum.item() / processed)
-    train_acc.append(100 * correct.item() / processed)
+    mean_loss, accuracy = _check_and_show(pbar, loss_sum, correct, processed, batch_idx, loss)
+    train_losses.append(mean_loss)
+    train_acc.append(accuracy)
 
 
 def _check_and_show(pbar, loss_sum, correct, processed, batch_idx, loss):
-    """Stop on a NaN/inf loss; show the original's progress line (both sync with a GPU, hence not every batch)."""
-    mean_loss = loss_sum.item() / processed
+    """Stop on a NaN/inf loss; show the original's progress line (both sync with a GPU, hence not every batch).
+
+    Returns the mean loss and the accuracy so far, over every process: all of them decide alike.
+    """
+    loss_sum, correct, processed = distributed.all_sum(loss_sum.clone(), correct.clone(), processed.clone())
+    mean_loss = loss_sum.item() / max(processed.item(), 1)
     if not math.isfinite(mean_loss):
         raise TrainingDivergedError(f"training diverged: loss is {mean_loss} at batch {batch_idx}; "
                                     "lower the learning rate")
-    pbar.set_description(f"Train: Loss={loss.item():0.4f} Batch_id={batch_idx} "
-                         f"Accuracy={100 * correct.item() / processed:0.2f}")
+    accuracy = 100 * correct.item() / max(processed.item(), 1)
+    pbar.set_description(f"Train: Loss={loss.item():0.4f} Batch_id={batch_idx} Accuracy={accuracy:0.2f}")
+    return mean_loss, accuracy
 
 
 def test(model, device, test_loader, criterion, test_losses, test_acc, *, amp_dtype=None, progress=True):
-    """Evaluate; appends the mean per-sample loss and accuracy (%) to the lists given."""
-    log_probs, labels, _ = predict_loader(model, test_loader, device, amp_dtype, progress=progress)
+    """Evaluate; appends the mean per-sample loss and accuracy (%) to the lists given.
+
+    In a process group each process evaluates its share and the sums are added up: every image counts once.
+    """
+    device = as_device(device)
+    ctx = distributed.current()
+    log_probs, labels, _ = predict_loader(model, test_loader, device, amp_dtype, progress=progress and ctx.is_main)
     # One criterion call over all outputs is the true per-sample mean (the original summed batch
     # means and divided by the dataset size, which printed 0.0000).
-    test_loss = criterion(log_probs, labels).item()
-    n_correct, n = GetCorrectPredCount(log_probs, labels), len(labels)
+    local_loss = criterion(log_probs, labels).double() * len(labels) if len(labels) else torch.zeros(())
+    sums = torch.tensor([float(local_loss), GetCorrectPredCount(log_probs, labels), len(labels)], dtype=torch.float64)
+    loss_sum, n_correct, n = distributed.all_sum(sums.to(device))[0].tolist()
+    test_loss, n_correct, n = loss_sum / n, int(n_correct), int(n)
     test_losses.append(test_loss)
     test_acc.append(100.0 * n_correct / n)
-    print(f"Test set: Average loss: {test_loss:.4f}, Accuracy: {n_correct}/{n} ({100.0 * n_correct / n:.2f}%)")
+    if ctx.is_main:
+        print(f"Test set: Average loss: {test_loss:.4f}, Accuracy: {n_correct}/{n} ({100.0 * n_correct / n:.2f}%)")
 
 
 # One record of a run: the history's keys are metrics.csv's columns, with how each is written there.
@@ -243,11 +266,14 @@ def fit(model, device, train_loader, test_loader, optimizer, scheduler, criterio
     elapsed_before = history["elapsed_seconds"][-1] if history["elapsed_seconds"] else 0.0
     per_batch = steps_per_batch(scheduler)
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    main = distributed.is_main()
     for epoch in range(start_epoch, epochs + 1):
-        if hasattr(train_loader, "set_epoch"):
-            train_loader.set_epoch(epoch)
+        for shuffler in (train_loader, getattr(train_loader, "sampler", None)):  # ours, or a DistributedSampler
+            if hasattr(shuffler, "set_epoch"):
+                shuffler.set_epoch(epoch)
         lr = optimizer.param_groups[0]["lr"]
-        print(f"Epoch {epoch}  lr {lr:.4g}")
+        if main:
+            print(f"Epoch {epoch}  lr {lr:.4g}")
         t0 = time.perf_counter()
         train(model, device, train_loader, optimizer, criterion, history["train_loss"], history["train_acc"],
               scheduler=scheduler if per_batch else None, amp_dtype=amp_dtype, scaler=scaler, progress=progress)

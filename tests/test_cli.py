@@ -1,0 +1,52 @@
+"""The entry points' argument types: any text gives a value in range or argparse's one-line complaint."""
+import argparse
+import math
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from s5 import cli
+
+
+@given(st.text(max_size=12) | st.integers(-10**12, 10**12).map(str) | st.floats().map(str))
+def test_whole_number_accepts_only_the_range(text):
+    parse = cli.whole_number(1, 60_000)
+    try:
+        value = parse(text)
+    except argparse.ArgumentTypeError as e:
+        assert "\n" not in str(e) and ("not a whole number" in str(e) or "out of range: give 1 to 60000" in str(e))
+    else:
+        assert isinstance(value, int) and 1 <= value <= 60_000
+
+
+@given(st.text(max_size=12) | st.floats(allow_nan=True, allow_infinity=True).map(str))
+def test_positive_number_is_finite_and_above_zero(text):
+    try:
+        value = cli.positive_number(text)
+    except argparse.ArgumentTypeError as e:
+        assert "\n" not in str(e)
+    else:
+        assert math.isfinite(value) and value > 0
+
+
+def test_parser_errors_are_one_line_with_exit_2(capsys):
+    parser = cli.ArgumentParser(prog="train.py")
+    parser.add_argument("--epochs", type=cli.whole_number(1))
+    try:
+        parser.parse_args(["--epochs", "0"])
+    except SystemExit as stop:
+        assert stop.code == 2
+    err = capsys.readouterr().err
+    assert err == "error: argument --epochs: 0 is out of range: give 1 or more (see train.py --help)\n"
+
+
+def test_given_flags_tells_written_flags_from_defaults():
+    def build():
+        p = cli.ArgumentParser()
+        p.add_argument("--epochs", type=int)
+        p.add_argument("--seed", type=int, default=1)
+        p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+        return p
+
+    assert cli.given_flags(build, ["--seed", "1", "--no-progress"]) == {"seed", "progress"}
+    assert cli.given_flags(build, []) == set()
