@@ -103,27 +103,20 @@ def main(argv=None):
             checkpoint = checkpoints.load_checkpoint(args.resume, Net())  # read once; architecture checked here
             checkpoints.check_resumable(checkpoint, args.resume)
             checkpoint["history"] = engine.new_history(checkpoint["history"])
-        except (checkpoints.CheckpointError, ValueError) as e:
-            cli.fail(f"{args.resume}: {e}" if isinstance(e, ValueError) and not isinstance(
-                e, checkpoints.CheckpointError) else e)
+        except checkpoints.CheckpointError as e:
+            cli.fail(e)
+        except ValueError as e:  # a history that does not add up
+            cli.fail(f"{args.resume}: {e}")
         args = resumed_args(args, argv, checkpoint)
     try:
         dev = device.get_device(args.device)  # checked in every process, before a group forms
-        ctx, group_device = distributed.setup(args.device)
+        ctx, group_device = distributed.setup(dev)
         dev = group_device or dev  # under torchrun on CUDA: the GPU of this process's LOCAL_RANK
     except ValueError as e:
         cli.fail(f"--device: {e}")
-    run_dir = None
     try:
         recipe = engine.get_recipe(args.recipe, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr)
-        if not ctx.is_main:
-            pass  # only rank 0 owns the output folder; the others learn its name below
-        elif checkpoint is not None:
-            run_dir = files.RunDir.claim(args.out, resume=True)
-        elif args.out:
-            run_dir = files.RunDir.claim(args.out)
-        else:
-            run_dir = files.RunDir.claim_new("runs", f"{recipe.name}-{files.timestamp()}")
+        run_dir = claim_output_folder(args, recipe, resume=checkpoint is not None) if ctx.is_main else None
     except (ValueError, files.OutputError) as e:
         cli.fail(e)
     out = Path(distributed.broadcast(str(run_dir.path) if run_dir else None))
@@ -138,6 +131,13 @@ def main(argv=None):
     if ctx.is_main:
         print(f"final test accuracy {history['test_acc'][-1]:.2f}% (best {max(history['test_acc']):.2f}%), "
               f"{history['elapsed_seconds'][-1]:.0f} s; outputs in {out}/")
+
+
+def claim_output_folder(args, recipe, resume):
+    """The run's folder, held by this process: the resumed run's, --out, or a new runs/<recipe>-<date>-<time>."""
+    if resume or args.out:
+        return files.RunDir.claim(args.out, resume=resume)
+    return files.RunDir.claim_new("runs", f"{recipe.name}-{files.timestamp()}")
 
 
 def train_run(args, dev, ctx, recipe, checkpoint, out, started):

@@ -37,17 +37,17 @@ def launched_by_torchrun():
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def setup(device_name="auto"):
+def setup(device):
     """Join the process group torchrun described (or none), and pick this process's device.
 
-    Returns (Context, torch.device). On CUDA each process takes the GPU of its LOCAL_RANK; `device_name` "cpu"
-    (or no GPU) runs the group on gloo.
+    Returns (Context, torch.device or None when there is no group). With a CUDA `device` each process takes
+    the GPU of its LOCAL_RANK and the group runs on NCCL; with the CPU, on gloo.
     """
     if not launched_by_torchrun():
         return Context(), None
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    use_cuda = torch.cuda.is_available() and device_name in ("auto", "cuda")
+    use_cuda = torch.device(device).type == "cuda"
     if use_cuda:
         if local_rank >= torch.cuda.device_count():
             raise ValueError(f"local rank {local_rank} has no GPU (this machine has {torch.cuda.device_count()}): "
