@@ -261,6 +261,9 @@ def fit(model, device, train_loader, test_loader, optimizer, scheduler, criterio
     value; default: now), plus the elapsed time the restored history already holds.
     """
     device = as_device(device)
+    for name, value in (("epochs", epochs), ("start_epoch", start_epoch)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r}: give a positive whole number")
     history = new_history() if history is None else history
     started = time.perf_counter() if started is None else started
     elapsed_before = history["elapsed_seconds"][-1] if history["elapsed_seconds"] else 0.0

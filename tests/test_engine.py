@@ -142,6 +142,9 @@ def test_loops_take_devices_as_pytorch_does():
         assert len(train_losses) == len(test_acc) == 1
     hist = engine.fit(model, "cpu", batches, batches, opt, None, F.nll_loss, 1, progress=False)
     assert hist["epoch"] == [1] and len(hist["elapsed_seconds"]) == 1
+    for bad in (0, -1, "3"):
+        with pytest.raises(ValueError, match=f"epochs={bad!r}: give a positive whole number"):
+            engine.fit(model, "cpu", batches, batches, opt, None, F.nll_loss, bad, progress=False)
     with pytest.raises(ValueError, match="unknown device 'gpu0'"):
         engine.train(model, "gpu0", batches, opt, F.nll_loss, [], [], progress=False)
 
