@@ -4,8 +4,10 @@
     python train.py --recipe fast        # one-cycle SGD, two epochs
     python train.py --resume runs/X/last.pt
 
-Writes into --out (a new or empty folder): metrics.csv (one row per epoch), accuracy_plots.png, last.pt (every
-epoch), best.pt (best test accuracy), model.pt (final weights), confusion_matrix.png, misclassified.png.
+Writes into --out (a new or empty folder): metrics.csv (one row per epoch), steps.csv (a row every 10 batches),
+accuracy_plots.png (per epoch, as the original), training_curves.png (every 10 batches, with the learning rate),
+last.pt (every epoch), best.pt (best test accuracy), model.pt (final weights), confusion_matrix.png,
+misclassified.png.
 Exit status: 0 done, 1 diverged or could not write, 2 usage or data error, 130 interrupted.
 """
 
@@ -85,12 +87,21 @@ def resumed_args(args, argv, checkpoint):
     return merged
 
 
-def write_metrics(path, history):
-    """metrics.csv rewritten whole from the history each epoch: one row per epoch, even after a resume."""
-    rows = [",".join(engine.EPOCH_RECORD)]
-    for i in range(len(history["epoch"])):
-        rows.append(",".join(format(history[k][i], fmt) for k, fmt in engine.EPOCH_RECORD.items()))
+def write_csv(path, history, record):
+    """metrics.csv (record EPOCH_RECORD) or steps.csv (STEP_RECORD), rewritten whole from the history each epoch:
+    one row per epoch or step, even after a resume."""
+    rows = [",".join(record)]
+    for i in range(len(history[next(iter(record))])):
+        rows.append(",".join(format(history[k][i], fmt) for k, fmt in record.items()))
     files.atomic_write(path, lambda f: f.write(("\n".join(rows) + "\n").encode()))
+
+
+def draw_curves(out, history):
+    """accuracy_plots.png (the original 2x2 per-epoch figure) and training_curves.png (every few batches)."""
+    plt.close(plots.post_accuracyplots(history["train_loss"], history["test_loss"], history["train_acc"],
+                                       history["test_acc"], save_path=out / "accuracy_plots.png"))
+    plt.close(plots.plot_training(history, history["test_loss"], history["test_acc"],
+                                  save_path=out / "training_curves.png"))
 
 
 def main(argv=None):
@@ -195,12 +206,12 @@ def train_run(args, dev, ctx, recipe, checkpoint, out, started):
             if hist["test_acc"][-1] > max(hist["test_acc"][:-1], default=-1.0):
                 checkpoints.save_checkpoint(out / "best.pt", model, optimizer, scheduler, epoch, hist, run_args)
             checkpoints.save_checkpoint(out / "last.pt", model, optimizer, scheduler, epoch, hist, run_args)
-            write_metrics(out / "metrics.csv", hist)
+            write_csv(out / "metrics.csv", hist, engine.EPOCH_RECORD)
+            write_csv(out / "steps.csv", hist, engine.STEP_RECORD)
             now = time.perf_counter()
             if epoch == recipe.epochs or now - plotted_at >= PLOT_EVERY_S:
                 plotted_at = now
-                plt.close(plots.post_accuracyplots(hist["train_loss"], hist["test_loss"], hist["train_acc"],
-                                                   hist["test_acc"], save_path=out / "accuracy_plots.png"))
+                draw_curves(out, hist)
 
         # Data-parallel: gradients averaged across processes; checkpoints save the plain `model` (no "module.").
         trained = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None) \
@@ -216,8 +227,7 @@ def train_run(args, dev, ctx, recipe, checkpoint, out, started):
                 return history
             test_loader = data.get_MNISTdataset_with_loader("test", test_kwargs, args.loader, args.data_dir, dev)
         if start_epoch > recipe.epochs:  # a finished run resumed: its curves are drawn again with the rest
-            plt.close(plots.post_accuracyplots(history["train_loss"], history["test_loss"], history["train_acc"],
-                                               history["test_acc"], save_path=out / "accuracy_plots.png"))
+            draw_curves(out, history)
         checkpoints.save_weights(out / "model.pt", model)
         predictions = evaluation.predict_loader(model, test_loader, dev, amp_dtype, keep_images=True)  # 1 pass, 2 plots
         plt.close(plots.plot_confusion_matrix(evaluation.confusion_matrix(predictions), out / "confusion_matrix.png"))

@@ -43,6 +43,7 @@ from s5.plots import (
     plot_confusion_matrix,
     plot_misclassified,
     plot_predictions,
+    plot_training,
     post_accuracyplots,
     post_display,
 )
@@ -58,7 +59,8 @@ __all__ = [
     # training beyond the classic loop
     "build_training", "steps_per_batch", "fit", "new_history",
     # after the run
-    "predict_loader", "confusion_matrix", "misclassified", "plot_confusion_matrix", "plot_misclassified",
+    "plot_training", "predict_loader", "confusion_matrix", "misclassified", "plot_confusion_matrix",
+    "plot_misclassified",
     "receptive_field", "save_checkpoint", "load_checkpoint",
     # your own digits
     "preprocess_digit", "load_digit", "predict_digits", "plot_predictions",

@@ -152,8 +152,12 @@ REFRESH_EVERY = 10  # batches between progress-bar updates and NaN checks (each 
 
 
 def train(model, device, train_loader, optimizer, criterion, train_losses, train_acc, *, scheduler=None,
-          amp_dtype=None, scaler=None, progress=True):
+          amp_dtype=None, scaler=None, progress=True, steps=None):
     """One training epoch; appends the epoch's mean loss and accuracy (%) to the lists given.
+
+    `steps`, a dict with the STEP_RECORD lists (e.g. a `new_history()`), also gets a row every REFRESH_EVERY
+    batches: the fractional epoch (this is epoch len(train_losses) + 1), the learning rate, and the mean loss
+    and accuracy of the batches since the last row.
 
     `scheduler`, when given, is stepped after every batch (OneCycleLR); epoch-wise schedulers are
     stepped by the caller. Raises TrainingDivergedError as soon as the loss is NaN or infinite.
@@ -168,6 +172,9 @@ def train(model, device, train_loader, optimizer, criterion, train_losses, train
     correct = torch.zeros((), dtype=torch.int64, device=device)
     processed = torch.zeros((), dtype=torch.int64, device=device)
     batch_idx, loss = -1, None
+    n_batches = len(train_loader) if hasattr(train_loader, "__len__") else None
+    last_row = (0.0, 0, 0)  # loss sum, correct, processed at the last step row
+    epoch_before = len(train_losses)
     pbar = tqdm(train_loader, disable=not (progress and ctx.is_main), dynamic_ncols=True, leave=False)
     for batch_idx, (data, target) in enumerate(pbar):
         data, target = data.to(device, non_blocking=True), target.to(device, non_blocking=True)
@@ -191,28 +198,44 @@ def train(model, device, train_loader, optimizer, criterion, train_losses, train
         loss_sum += loss.detach().float() * len(target)
         correct += _correct(output.detach(), target)
         processed += len(target)
-        if batch_idx % REFRESH_EVERY == 0:
-            _check_and_show(pbar, loss_sum, correct, processed, batch_idx, loss)
+        if (batch_idx + 1) % REFRESH_EVERY == 0:
+            totals = _check_and_show(pbar, loss_sum, correct, processed, batch_idx, loss)
+            if steps is not None:
+                last_row = _record_step(steps, totals, last_row, epoch_before, batch_idx + 1, n_batches, optimizer)
     if batch_idx < 0:
         raise ValueError("the training loader gave no batches: nothing to train on")
-    mean_loss, accuracy = _check_and_show(pbar, loss_sum, correct, processed, batch_idx, loss)
-    train_losses.append(mean_loss)
-    train_acc.append(accuracy)
+    totals = _check_and_show(pbar, loss_sum, correct, processed, batch_idx, loss)
+    if steps is not None and totals[2] > last_row[2]:
+        _record_step(steps, totals, last_row, epoch_before, batch_idx + 1, batch_idx + 1, optimizer)
+    train_losses.append(totals[0] / totals[2])
+    train_acc.append(100 * totals[1] / totals[2])
+
+
+def _record_step(steps, totals, last_row, epoch_before, done, n_batches, optimizer):
+    """One STEP_RECORD row for the batches since `last_row`; returns the totals as the new last row."""
+    (loss_sum, correct, seen), (loss_before, correct_before, seen_before) = totals, last_row
+    n = seen - seen_before
+    fraction = done / n_batches if n_batches else 1.0
+    for key, value in (("step_epoch", epoch_before + min(fraction, 1.0)), ("step_lr", optimizer.param_groups[0]["lr"]),
+                       ("step_train_loss", (loss_sum - loss_before) / n),
+                       ("step_train_acc", 100 * (correct - correct_before) / n)):
+        steps[key].append(value)
+    return totals
 
 
 def _check_and_show(pbar, loss_sum, correct, processed, batch_idx, loss):
     """Stop on a NaN/inf loss; show the original's progress line (both sync with a GPU, hence not every batch).
 
-    Returns the mean loss and the accuracy so far, over every process: all of them decide alike.
+    Returns the loss sum, correct count and images seen so far, over every process: all of them decide alike.
     """
     loss_sum, correct, processed = distributed.all_sum(loss_sum.clone(), correct.clone(), processed.clone())
-    mean_loss = loss_sum.item() / max(processed.item(), 1)
-    if not math.isfinite(mean_loss):
-        raise TrainingDivergedError(f"training diverged: loss is {mean_loss} at batch {batch_idx}; "
-                                    "lower the learning rate")
-    accuracy = 100 * correct.item() / max(processed.item(), 1)
-    pbar.set_description(f"Train: Loss={loss.item():0.4f} Batch_id={batch_idx} Accuracy={accuracy:0.2f}")
-    return mean_loss, accuracy
+    loss_sum, correct, processed = loss_sum.item(), correct.item(), processed.item()
+    if not math.isfinite(loss_sum):
+        raise TrainingDivergedError(f"training diverged: loss is {loss_sum / max(processed, 1)} at batch "
+                                    f"{batch_idx}; lower the learning rate")
+    pbar.set_description(f"Train: Loss={loss.item():0.4f} Batch_id={batch_idx} "
+                         f"Accuracy={100 * correct / max(processed, 1):0.2f}")
+    return loss_sum, correct, processed
 
 
 def test(model, device, test_loader, criterion, test_losses, test_acc, *, amp_dtype=None, progress=True):
@@ -235,19 +258,23 @@ def test(model, device, test_loader, criterion, test_losses, test_acc, *, amp_dt
         print(f"Test set: Average loss: {test_loss:.4f}, Accuracy: {n_correct}/{n} ({100.0 * n_correct / n:.2f}%)")
 
 
-# One record of a run: the history's keys are metrics.csv's columns, with how each is written there.
+# One record of a run: the history's keys are metrics.csv's columns (one row an epoch) and steps.csv's (a row
+# every REFRESH_EVERY batches), with how each is written there.
 EPOCH_RECORD = {"epoch": "d", "lr": ".6g", "train_loss": ".6f", "train_acc": ".2f", "test_loss": ".6f",
                 "test_acc": ".2f", "train_seconds": ".2f", "elapsed_seconds": ".2f"}
+STEP_RECORD = {"step_epoch": ".4f", "step_lr": ".6g", "step_train_loss": ".6f", "step_train_acc": ".2f"}
 _OLD_HISTORY_KEYS = {"train_losses": "train_loss", "test_losses": "test_loss"}  # checkpoints before the rename
 
 
 def new_history(saved=None):
-    """An empty history, or a saved one (older spellings renamed) checked to have one value per epoch."""
-    history = {k: [] for k in EPOCH_RECORD}
+    """An empty history, or a saved one (older spellings renamed) checked to have one value per epoch and step."""
+    history = {k: [] for k in {**EPOCH_RECORD, **STEP_RECORD}}
     for key, values in (saved or {}).items():
         history[_OLD_HISTORY_KEYS.get(key, key)] = list(values)
     if len({len(history[k]) for k in EPOCH_RECORD}) != 1:
         raise ValueError("the saved history does not have one value of each metric per epoch")
+    if len({len(history[k]) for k in STEP_RECORD}) != 1:
+        raise ValueError("the saved history does not have one value of each metric per step")
     return history
 
 
@@ -279,7 +306,8 @@ def fit(model, device, train_loader, test_loader, optimizer, scheduler, criterio
             print(f"Epoch {epoch}  lr {lr:.4g}")
         t0 = time.perf_counter()
         train(model, device, train_loader, optimizer, criterion, history["train_loss"], history["train_acc"],
-              scheduler=scheduler if per_batch else None, amp_dtype=amp_dtype, scaler=scaler, progress=progress)
+              scheduler=scheduler if per_batch else None, amp_dtype=amp_dtype, scaler=scaler, progress=progress,
+              steps=history)
         history["train_seconds"].append(time.perf_counter() - t0)
         test(model, device, test_loader, criterion, history["test_loss"], history["test_acc"], amp_dtype=amp_dtype,
              progress=progress)

@@ -60,6 +60,26 @@ def post_accuracyplots(train_losses, test_losses, train_acc, test_acc, save_path
     return _finish(fig, save_path)
 
 
+def plot_training(steps, test_losses, test_acc, save_path=None):
+    """Loss and accuracy every few batches (lines) with the test set's after each epoch (dots), and the
+    learning rate, on a fractional-epoch axis. `steps` holds the STEP_RECORD lists (a history, or the dict
+    given to `train(..., steps=)`); the test lists have one value per epoch, drawn at the epoch's end."""
+    fig, axs = plt.subplots(1, 3, figsize=(16, 4.5))
+    x, epochs = steps["step_epoch"], range(1, len(test_acc) + 1)
+    for ax, key, test, title, unit in ((axs[0], "step_train_loss", test_losses, "Loss", "loss"),
+                                       (axs[1], "step_train_acc", test_acc, "Accuracy", "accuracy (%)")):
+        ax.plot(x, steps[key], lw=1, label="train (every few batches)")
+        ax.plot(epochs, test, "o-", label="test (each epoch)")
+        ax.set(title=title, xlabel="epoch", ylabel=unit)
+        ax.legend()
+    if test_acc:  # the interesting end of the scale: the test points and the later half of training
+        low = min([*test_acc, *steps["step_train_acc"][len(x) // 2:]])
+        axs[1].set_ylim(max(0.0, low - 1), 100.2)
+    axs[2].plot(x, steps["step_lr"])
+    axs[2].set(title="Learning rate", xlabel="epoch", ylabel="lr")
+    return _finish(fig, save_path)
+
+
 def plot_confusion_matrix(cm, save_path=None):
     cm = torch.as_tensor(cm)
     fig, ax = plt.subplots(figsize=(7, 6))

@@ -165,3 +165,21 @@ def test_history_from_an_old_checkpoint_is_read_back():
     assert history["train_loss"] == [0.5] and history["test_loss"] == [0.2] and set(history) == set(engine.EPOCH_RECORD)
     with pytest.raises(ValueError, match="one value of each metric per epoch"):
         engine.new_history({**old, "test_acc": []})
+
+
+def test_train_records_a_step_row_every_refresh():
+    torch.manual_seed(0)
+    model = Net()
+    x, y = torch.randn(25 * 4, 1, 28, 28), torch.randint(0, 10, (25 * 4,))
+    batches = [(x[i:i + 4], y[i:i + 4]) for i in range(0, 100, 4)]  # 25 batches: rows after 10, 20 and 25
+    opt = engine.get_optimizer(model, "SGD", 0.01, 0.9)
+    history = engine.new_history()
+    for _ in range(2):
+        engine.train(model, "cpu", batches, opt, F.nll_loss, history["train_loss"], history["train_acc"],
+                     steps=history, progress=False)
+    assert history["step_epoch"] == pytest.approx([0.4, 0.8, 1.0, 1.4, 1.8, 2.0])
+    assert history["step_lr"] == [0.01] * 6
+    # the rows' losses are the means of their own batches: weighted by batches they give the epoch's mean
+    epoch1 = sum(loss * n for loss, n in zip(history["step_train_loss"][:3], (10, 10, 5))) / 25
+    assert epoch1 == pytest.approx(history["train_loss"][0], rel=1e-6)
+    assert all(0 <= a <= 100 for a in history["step_train_acc"])

@@ -31,5 +31,5 @@ def test_notebook_runs_end_to_end(mnist_root, tmp_path, monkeypatch):
     assert "Test set: Average loss:" in text and "Accuracy:" in text
     assert "one.png ->" in text
     images = sum("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code" for o in c.outputs)
-    assert images >= 5  # sample grid, curves, confusion matrix, mistakes, your digits
+    assert images >= 6  # sample grid, two curve figures, confusion matrix, mistakes, your digits
     assert (tmp_path / "runs" / "notebook" / "model.pt").exists()

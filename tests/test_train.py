@@ -36,8 +36,8 @@ def test_run_writes_every_output(tmp_path, mnist_root):
     out = tmp_path / "run"
     done = run_train(*SMALL, "--epochs", "2", "--data-dir", mnist_root, "--out", out)
     assert done.returncode == 0, done.stderr
-    for name in ["metrics.csv", "accuracy_plots.png", "last.pt", "best.pt", "model.pt", "confusion_matrix.png",
-                 "misclassified.png"]:
+    for name in ["metrics.csv", "steps.csv", "accuracy_plots.png", "training_curves.png", "last.pt", "best.pt",
+                 "model.pt", "confusion_matrix.png", "misclassified.png"]:
         assert (out / name).stat().st_size > 0, name
     rows = read_metrics(out / "metrics.csv")
     assert list(rows[0]) == ["epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "train_seconds",
@@ -45,6 +45,9 @@ def test_run_writes_every_output(tmp_path, mnist_root):
     assert [r["epoch"] for r in rows] == ["1", "2"]
     assert float(rows[1]["elapsed_seconds"]) > float(rows[0]["elapsed_seconds"]) > float(rows[0]["train_seconds"])
     assert 70 < float(rows[1]["test_acc"]) <= 100
+    steps = read_metrics(out / "steps.csv")  # 2048 / 64 = 32 batches an epoch: rows after 10, 20, 30 and 32
+    assert [float(r["step_epoch"]) for r in steps] == pytest.approx([10 / 32, 20 / 32, 30 / 32, 1.0,
+                                                                      1 + 10 / 32, 1 + 20 / 32, 1 + 30 / 32, 2.0])
     state = load_checkpoint(out / "last.pt")
     assert state["epoch"] == 2 and state["args"]["train_subset"] == 2048
     # the same folder is not silently overwritten
