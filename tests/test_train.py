@@ -145,6 +145,18 @@ def assert_one_line_error(done, code, *needles):
         assert needle in lines[0], (needle, lines[0])
 
 
+def main_in_process(capsys, *args):
+    """train.main as the command line calls it, in this process: the same parser and checks without the seconds
+    a new process takes to import torch (for the cases that stop before training; a few are also run as
+    subprocesses below)."""
+    import train
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        train.main(["--no-progress", *map(str, args)])
+    return subprocess.CompletedProcess([], stop.value.code, "", capsys.readouterr().err)
+
+
 def snapshot(folder):
     return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
@@ -165,12 +177,7 @@ def snapshot(folder):
     (["--device", "garbage"], "unknown device 'garbage'"),
 ])
 def test_impossible_flags_fail_before_any_work(tmp_path, capsys, flags, needle):
-    """In-process (the same parser and checks as the command line, without a second of start-up per case)."""
-    import train
-
-    with pytest.raises(SystemExit) as stop:
-        train.main([*flags, "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "out")])
-    done = subprocess.CompletedProcess([], stop.value.code, "", capsys.readouterr().err)
+    done = main_in_process(capsys, *flags, "--data-dir", tmp_path / "data", "--out", tmp_path / "out")
     assert_one_line_error(done, 2, needle)
     assert not (tmp_path / "data").exists() and not (tmp_path / "out").exists()  # nothing read, nothing made
 
@@ -187,11 +194,11 @@ def test_too_few_steps_for_one_cycle_is_one_line(tmp_path, mnist_root):
 
 
 @pytest.mark.parametrize("where", ["file", "proc"])
-def test_unusable_out_fails_before_reading_data(tmp_path, where):
+def test_unusable_out_fails_before_reading_data(tmp_path, capsys, where):
     out = tmp_path / "a-file" if where == "file" else "/proc/s5-no-such-place/run"
     if where == "file":
         out.write_text("keep me")
-    done = run_train("--data-dir", tmp_path / "data", "--out", out)
+    done = main_in_process(capsys, "--data-dir", tmp_path / "data", "--out", out)
     assert_one_line_error(done, 2, "is a file, not a folder" if where == "file" else "cannot create the output folder")
     assert not (tmp_path / "data").exists()
     if where == "file":
@@ -199,11 +206,11 @@ def test_unusable_out_fails_before_reading_data(tmp_path, where):
 
 
 @pytest.mark.parametrize("where", ["file", "proc"])
-def test_unusable_data_dir_is_one_line(tmp_path, where):
+def test_unusable_data_dir_is_one_line(tmp_path, capsys, where):
     data_dir = tmp_path / "a-file" if where == "file" else "/proc/s5-no-such-place"
     if where == "file":
         data_dir.write_text("not a folder")
-    done = run_train("--data-dir", data_dir, "--out", tmp_path / "out")
+    done = main_in_process(capsys, "--data-dir", data_dir, "--out", tmp_path / "out")
     assert_one_line_error(done, 2, "cannot write MNIST into")
     assert not (tmp_path / "out" / "last.pt").exists()
 
@@ -276,10 +283,10 @@ def copy_of(run, tmp_path):
     (["--lr", "0.1"], "--lr"), (["--batch-size", "32"], "--batch-size"), (["--recipe", "fast"], "--recipe"),
     (["--seed", "9"], "--seed"), (["--train-subset", "100"], "--train-subset"), (["--loader", "classic"], "--loader"),
 ])
-def test_resume_refuses_flags_that_define_the_run(finished_run, tmp_path, flags, name):
+def test_resume_refuses_flags_that_define_the_run(finished_run, tmp_path, capsys, flags, name):
     run = copy_of(finished_run, tmp_path)
     before = snapshot(run)
-    done = run_train("--resume", run / "last.pt", *flags)
+    done = main_in_process(capsys, "--resume", run / "last.pt", *flags)
     assert_one_line_error(done, 2, f"{name} cannot change when resuming")
     assert snapshot(run) == before
 
@@ -311,35 +318,36 @@ def test_resume_of_a_finished_run_writes_its_final_outputs(finished_run, tmp_pat
     assert len(read_metrics(run / "metrics.csv")) == 1
 
 
-def test_resume_cannot_stretch_a_one_cycle_schedule(tmp_path, mnist_root):
+def test_resume_cannot_stretch_a_one_cycle_schedule(tmp_path, mnist_root, capsys):
     out = tmp_path / "fast"
     assert run_train(*SMALL, "--train-subset", "512", "--epochs", "1", "--data-dir", mnist_root, "--out",
                      out).returncode == 0
-    done = run_train("--resume", out / "last.pt", "--epochs", "3")
+    done = main_in_process(capsys, "--resume", out / "last.pt", "--epochs", "3")
     assert_one_line_error(done, 2, "--epochs cannot change for a 'fast' run")
-    assert_one_line_error(run_train("--resume", out / "last.pt", "--out", tmp_path / "elsewhere"), 2,
+    assert_one_line_error(main_in_process(capsys, "--resume", out / "last.pt", "--out", tmp_path / "elsewhere"), 2,
                           "--out cannot change when resuming")
 
 
-def test_resume_on_another_machine_asks_for_what_moved(finished_run, tmp_path, mnist_root):
+def test_resume_on_another_machine_asks_for_what_moved(finished_run, tmp_path, mnist_root, capsys):
     run = copy_of(finished_run, tmp_path)
     state = load_checkpoint(run / "last.pt")
     state["args"].update(device="cuda", data_dir=str(tmp_path / "gone"))  # saved on a GPU machine, data elsewhere
     torch.save(state, run / "last.pt")
     if not torch.cuda.is_available():
-        assert_one_line_error(run_train("--resume", run / "last.pt", "--data-dir", mnist_root), 2,
+        assert_one_line_error(main_in_process(capsys, "--resume", run / "last.pt", "--data-dir", mnist_root), 2,
                               "--device: device 'cuda' asked for, but CUDA is not available here")
-    done = run_train("--resume", run / "last.pt", "--device", "cpu")
+    done = main_in_process(capsys, "--resume", run / "last.pt", "--device", "cpu")
     assert_one_line_error(done, 2, f"the run's data folder {tmp_path / 'gone'} is gone: give --data-dir")
     assert not (tmp_path / "gone").exists()  # not re-created where the old machine had it
 
 
-def test_resume_of_a_checkpoint_with_missing_keys(finished_run, tmp_path):
+def test_resume_of_a_checkpoint_with_missing_keys(finished_run, tmp_path, capsys):
     run = copy_of(finished_run, tmp_path)
     state = load_checkpoint(run / "last.pt")
     del state["optimizer"], state["rng"]
     torch.save(state, run / "last.pt")
-    assert_one_line_error(run_train("--resume", run / "last.pt"), 2, "cannot be resumed: it lacks optimizer, rng")
+    assert_one_line_error(main_in_process(capsys, "--resume", run / "last.pt"), 2,
+                          "cannot be resumed: it lacks optimizer, rng")
 
 
 def test_a_failed_checkpoint_write_keeps_the_previous_one(finished_run, tmp_path):
