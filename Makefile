@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 ARGS   ?=
 
-.PHONY: train test bench lint clean
+.PHONY: train test bench notebook clean
 
 # The venv is rebuilt only when a requirements file changes.
 $(VENV)/.installed: requirements.txt requirements-dev.txt
@@ -21,6 +21,13 @@ test: $(VENV)/.installed  ## lint, then the test suite (CPU only; fetches real M
 
 bench: $(VENV)/.installed  ## throughput of the classic and fast pipelines
 	$(PY) bench.py $(ARGS)
+
+$(VENV)/.notebook: $(VENV)/.installed requirements-notebook.txt
+	$(PY) -m pip install --quiet -r requirements-notebook.txt
+	touch $@
+
+notebook: $(VENV)/.notebook  ## JupyterLab with ipywidgets in the project venv, opening S5.ipynb on the venv's kernel
+	$(VENV)/bin/jupyter lab S5.ipynb $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache
