@@ -4,27 +4,38 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 ARGS   ?=
 
-.PHONY: train test bench notebook clean
+.PHONY: train test bench demo notebook clean
 
-# The venv is rebuilt only when a requirements file changes.
-$(VENV)/.installed: requirements.txt requirements-dev.txt
-	$(PYTHON) -m venv $(VENV)
+# One venv; each stamp reinstalls only when its requirements file changes. The core is requirements.txt.
+$(VENV)/.core: requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.core requirements-dev.txt requirements-demo.txt  # what the tests need
 	$(PY) -m pip install --quiet -r requirements-dev.txt
 	touch $@
 
-train: $(VENV)/.installed  ## fetch MNIST, train with the defaults, write metrics and plots to runs/
+$(VENV)/.demo: $(VENV)/.core requirements-demo.txt
+	$(PY) -m pip install --quiet -r requirements-demo.txt
+	touch $@
+
+$(VENV)/.notebook: $(VENV)/.core requirements-notebook.txt
+	$(PY) -m pip install --quiet -r requirements-notebook.txt
+	touch $@
+
+train: $(VENV)/.core  ## fetch MNIST, train with the defaults, write metrics and plots to runs/
 	$(PY) train.py $(ARGS)
 
 test: $(VENV)/.installed  ## lint, then the test suite (CPU only; fetches real MNIST once)
 	$(PY) -m ruff check .
 	$(PY) -m pytest $(ARGS)
 
-bench: $(VENV)/.installed  ## throughput of the classic and fast pipelines
+bench: $(VENV)/.core  ## throughput of the classic and fast pipelines
 	$(PY) bench.py $(ARGS)
 
-$(VENV)/.notebook: $(VENV)/.installed requirements-notebook.txt
-	$(PY) -m pip install --quiet -r requirements-notebook.txt
-	touch $@
+demo: $(VENV)/.demo  ## the draw-a-digit page on http://127.0.0.1:7860 for the newest runs/*/best.pt
+	$(PY) demo.py $(ARGS)
 
 notebook: $(VENV)/.notebook  ## JupyterLab with ipywidgets in the project venv, opening S5.ipynb on the venv's kernel
 	$(VENV)/bin/jupyter lab S5.ipynb $(ARGS)

@@ -20,6 +20,7 @@ from s5.data import (
     get_test_transforms,
     get_train_transforms,
 )
+from s5.demo import build_app
 from s5.device import amp_dtype_for, get_device, keep_freed_memory, set_seed
 from s5.digits import ImageInputError, load_digit, predict_digits, preprocess_digit
 from s5.engine import (
@@ -63,7 +64,7 @@ __all__ = [
     "plot_misclassified",
     "receptive_field", "save_checkpoint", "load_checkpoint",
     # your own digits
-    "preprocess_digit", "load_digit", "predict_digits", "plot_predictions",
+    "preprocess_digit", "load_digit", "predict_digits", "plot_predictions", "build_app",
     # what can go wrong, each with a one-line message
     "MNISTDataError", "CheckpointError", "ImageInputError", "TrainingDivergedError",
 ]

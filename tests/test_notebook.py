@@ -18,6 +18,7 @@ def test_notebook_runs_end_to_end(mnist_root, tmp_path, monkeypatch):
     monkeypatch.setenv("S5_TRAIN_SUBSET", "2048")
     monkeypatch.setenv("S5_DATA_DIR", str(mnist_root))
     monkeypatch.setenv("S5_MY_DIGITS", str(digits))
+    monkeypatch.setenv("S5_DEMO", "0")  # no web server from the tests' kernel (tests/test_demo.py drives one)
     monkeypatch.delenv("MPLBACKEND", raising=False)  # the kernel uses its inline backend, as in Jupyter
     monkeypatch.chdir(tmp_path)  # the notebook writes runs/notebook/ here, not into the repo
     monkeypatch.setenv("PYTHONPATH", str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))

@@ -1,0 +1,123 @@
+"""The draw-a-digit demo in a real browser: demo.py serves the page, headless Chromium draws on the sketchpad."""
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+from conftest import REPO
+from PIL import Image
+
+from s5.demo import classify, newest_checkpoint
+
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_classify_uses_the_predict_preprocessing(trained):
+    model, _, digits = trained
+    from conftest import as_photo
+
+    from s5.digits import preprocess_digit
+
+    photo = Image.fromarray(as_photo(digits[0][0], True))
+    probs, seen, note = classify(model, photo)
+    assert max(probs, key=probs.get) == str(digits[0][1]) and sum(probs.values()) == pytest.approx(1, abs=1e-5)
+    assert seen.size == (280, 280) and f"reads a {digits[0][1]}" in note
+    x = preprocess_digit(photo)  # the page shows exactly the input predict.py would use
+    assert seen.resize((28, 28), Image.Resampling.NEAREST).tobytes() == bytes(
+        ((x[0] * 0.3081 + 0.1307).clamp(0, 1) * 255).byte().flatten().tolist())
+    assert classify(model, Image.new("L", (50, 50), 255))[2].startswith("Nothing to classify: no ink")
+    assert classify(model, None) == ({}, None, "Draw a digit.")
+
+
+def test_newest_checkpoint(tmp_path):
+    assert newest_checkpoint(tmp_path) is None
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "best.pt").write_bytes(b"x")
+        time.sleep(0.01)
+    assert newest_checkpoint(tmp_path) == tmp_path / "b" / "best.pt"
+
+
+def test_no_checkpoint_is_one_line(tmp_path):
+    done = subprocess.run([sys.executable, str(REPO / "demo.py")], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 2 and done.stderr.startswith("error: no checkpoint given and none in runs/*/best.pt")
+    assert len(done.stderr.splitlines()) == 1
+
+
+def stroke(driver, canvas, points):
+    """Press at the first point (offsets from the canvas centre), move through the others, release."""
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    chain = ActionChains(driver).move_to_element_with_offset(canvas, *points[0]).click_and_hold()
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        for _ in range(8):  # in small moves, as a hand draws
+            chain.move_by_offset((x1 - x0) / 8, (y1 - y0) / 8)
+    chain.release().perform()
+
+
+@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="needs Debian's chromium and chromium-driver packages "
+                    "(apt-get install chromium chromium-driver; .ci/run installs them)")
+def test_drawn_digits_are_read_in_the_browser(trained, tmp_path):
+    pytest.importorskip("gradio", reason="the demo's packages: pip install -r requirements-demo.txt")
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    _, ckpt, _ = trained
+    port = free_port()
+    server = subprocess.Popen([sys.executable, str(REPO / "demo.py"), str(ckpt), "--port", str(port)], cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,1000"):
+        options.add_argument(arg)
+    driver = None
+    try:
+        started = time.time()
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None and time.time() - started < 120, server.stdout.read()
+                time.sleep(0.3)
+        driver = webdriver.Chrome(service=webdriver.ChromeService(CHROMEDRIVER), options=options)
+        driver.get(f"http://127.0.0.1:{port}/")
+        wait = WebDriverWait(driver, 60)
+        canvas = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#sketchpad canvas"))[-1]
+        note = ""
+        # Strokes of a 1 and of a 7, in canvas pixels from its centre (the drawing area is about 290 px square).
+        for digit, strokes in (("1", [[(0, -100), (0, 100)]]),
+                               ("7", [[(-80, -100), (80, -100), (-10, 110)]])):
+            driver.find_element(By.CSS_SELECTOR, "#sketchpad button[aria-label='Clear canvas']").click()
+            driver.find_element(By.CSS_SELECTOR, "#sketchpad button[aria-label=Brush]").click()  # clearing drops it
+            for points in strokes:
+                stroke(driver, canvas, points)
+            before = note
+            driver.find_element(By.CSS_SELECTOR, "#predict").click()
+            note = wait.until(lambda d, before=before: (t := d.find_element(By.CSS_SELECTOR, "#note").text)
+                              .startswith("The Net") and t != before and t)
+            assert note.startswith(f"The Net reads a {digit} "), note
+            top = driver.find_element(By.CSS_SELECTOR, "#probabilities").text.split()
+            assert top[1] == digit, top  # the label's heading, then its bars: the drawn digit first
+            assert driver.find_element(By.CSS_SELECTOR, "#seen img").get_attribute("src")  # the 28x28 it saw
+            driver.save_screenshot(str(tmp_path / f"demo-{digit}.png"))
+        assert Image.open(tmp_path / "demo-7.png").size[0] >= 1000
+        if os.environ.get("S5_DEMO_SCREENSHOT"):  # how the README's picture is made
+            shutil.copy(tmp_path / "demo-7.png", os.environ["S5_DEMO_SCREENSHOT"])
+    finally:
+        if driver is not None:
+            driver.quit()
+        server.terminate()
+        server.wait(timeout=30)
