@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 ARGS   ?=
 
-.PHONY: train test bench demo notebook clean
+.PHONY: train test bench demo notebook notebook-run clean
 
 # One venv; each stamp reinstalls only when its requirements file changes. The core is requirements.txt.
 $(VENV)/.core: requirements.txt
@@ -42,3 +42,6 @@ notebook: $(VENV)/.notebook  ## JupyterLab with ipywidgets in the project venv, 
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+
+notebook-run: $(VENV)/.installed  ## execute S5.ipynb in place (fast recipe, no progress bars): the outputs it is committed with
+	env -u MPLBACKEND S5_RECIPE=fast S5_DEMO=0 S5_PROGRESS=0 $(VENV)/bin/jupyter-execute --inplace --timeout=1800 S5.ipynb

@@ -16,7 +16,6 @@ import csv
 import itertools
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -28,15 +27,7 @@ import torch.nn.functional as F
 
 from model import INPUT_SHAPE, Net
 from s5 import cli, data, engine, evaluation
-from s5.device import amp_dtype_for, get_device, keep_freed_memory
-
-
-def cpu_model():
-    with open("/proc/cpuinfo") if os.path.exists("/proc/cpuinfo") else open(os.devnull) as f:
-        for line in f:
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
+from s5.device import amp_dtype_for, cpu_name, get_device, keep_freed_memory
 
 
 def endless(loader):
@@ -234,7 +225,7 @@ def main(argv=None):
         figures.update(fast_recipe_seconds_to_target=seconds, fast_recipe_acc_at_target=acc,
                        fast_recipe_final_acc=final, fast_recipe_total_seconds=total, target=args.target)
         print(f"fast recipe: {args.target}% after {seconds} s (final {final}% at {total} s)")
-    machine = {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
+    machine = {"cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__,
                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                "batch_size": args.batch_size}
     print(json.dumps({**figures, **machine}))

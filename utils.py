@@ -21,7 +21,7 @@ from s5.data import (
     get_train_transforms,
 )
 from s5.demo import build_app
-from s5.device import amp_dtype_for, get_device, keep_freed_memory, set_seed
+from s5.device import amp_dtype_for, cpu_name, get_device, keep_freed_memory, set_seed
 from s5.digits import ImageInputError, load_digit, predict_digits, preprocess_digit
 from s5.engine import (
     RECIPES,
@@ -56,6 +56,7 @@ __all__ = [
     "train", "test", "get_optimizer", "get_scheduler", "get_loss", "post_display", "post_accuracyplots",
     # set-up: recipes, seeds, device and precision, data
     "Recipe", "RECIPES", "get_recipe", "set_seed", "get_device", "amp_dtype_for", "keep_freed_memory",
+    "cpu_name",
     "MEAN", "STD", "ensure_mnist", "FastMNISTLoader",
     # training beyond the classic loop
     "build_training", "steps_per_batch", "fit", "new_history",

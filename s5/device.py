@@ -12,6 +12,16 @@ import numpy as np
 import torch
 
 
+def cpu_name():
+    """The processor's model name (from /proc/cpuinfo on Linux), to print beside every timing."""
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def as_device(device):
     """A torch.device from what PyTorch code passes: a torch.device, "cpu", "cuda", "cuda:1"; ValueError otherwise."""
     if isinstance(device, torch.device):
