@@ -111,8 +111,8 @@ def test_crafted_pngs_fail_alone(trained, tmp_path):
         (tmp_path / name).write_bytes(data)
     results = {Path(r["path"]).name: r for r in predict_digits(model, tmp_path)}
     assert results["good.png"]["digit"] == digits[0][1]
-    for name in crafted_pngs(good):
-        assert results[name]["error"].startswith("cannot read it ("), (name, results[name])
+    for name in crafted_pngs(good):  # PIL refuses them at open or at decode, by plugin order: either is per file
+        assert results[name]["error"].startswith(("cannot read it (", "not an image PIL can read")), results[name]
 
 
 def rotated_jpeg_with_orientation(digit, path):

@@ -51,7 +51,7 @@ def test_crafted_files_do_not_take_the_others_down(trained, tmp_path):
     done = predict(ckpt, tmp_path)
     assert done.returncode == 1 and "Traceback" not in done.stderr
     lines = done.stdout.splitlines()
-    assert len(lines) == 4 and sum(": error: cannot read it" in line for line in lines) == 3
+    assert len(lines) == 4 and sum(": error: " in line for line in lines) == 3
     assert any(line.startswith(f"{tmp_path / 'good.png'}: {digits[0][1]} (") for line in lines)
 
 
