@@ -188,7 +188,7 @@ def test_a_single_path_is_one_file_not_its_characters(trained, tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # PIL warns about the damage it reads past
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(junk=st.binary(max_size=600), cut=st.integers(0, 400), flips=st.lists(st.integers(0, 10_000), max_size=6))
 def test_any_bytes_give_a_digit_or_an_image_input_error(tmp_path, junk, cut, flips):
     """Random bytes, and real PNG/GIF/BMP/TIFF files cut short or with flipped bytes: never anything but one of two."""
