@@ -21,6 +21,8 @@ import matplotlib
 
 matplotlib.use("Agg")  # headless: figures go to files
 import matplotlib.pyplot as plt  # noqa: E402
+
+plt.switch_backend("Agg")  # load it now: a Ctrl-C during its lazy first load became an ImportError traceback
 import torch  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 
