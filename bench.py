@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from model import INPUT_SHAPE, Net
-from s5 import cli, data, engine, evaluation
+from s5 import cli, data, engine, evaluation, mnist
 from s5.device import amp_dtype_for, cpu_name, get_device, keep_freed_memory
 
 
@@ -45,8 +45,8 @@ def train_throughput(model, device, loader, amp_dtype, batches, warmup=3):
 
     def run(n):
         counted = ((seen.append(len(y)), (x, y))[1] for x, y in itertools.islice(stream, n))
-        engine.train(model, device, counted, optimizer, engine.get_loss(), [], [],
-                    amp_dtype=amp_dtype, progress=False)  # ends with .item(): a GPU is synchronised
+        engine.train_epoch(model, counted, optimizer, engine.get_loss(), device=device, amp_dtype=amp_dtype,
+                           progress=False)  # ends with .item(): a GPU is synchronised
 
     run(warmup)
     seen.clear()
@@ -142,7 +142,7 @@ def main(argv=None):
     p.add_argument("--batches", type=cli.whole_number(1), default=60,
                    help="timed training batches per pipeline (fewer lets prefetching flatter the classic loader)")
     p.add_argument("--device", default="auto", help="cuda, cpu, or auto")
-    p.add_argument("--data-dir", default=str(data.DATA_DIR), help="MNIST root")
+    p.add_argument("--data-dir", default=str(mnist.DATA_DIR), help="MNIST root")
     p.add_argument("--workers", type=cli.whole_number(0), default=2,
                    help="classic DataLoader workers (the original's 2)")
     p.add_argument("--time-to-target", action="store_true", help="also time the fast recipe to --target")
@@ -152,15 +152,12 @@ def main(argv=None):
 
     try:
         device = get_device(args.device)
-        data.ensure_mnist(args.data_dir)
-    except (ValueError, data.MNISTDataError) as e:
+        train_split, test_split = mnist.load_split(True, args.data_dir), mnist.load_split(False, args.data_dir)
+    except (ValueError, mnist.MNISTDataError) as e:
         cli.fail(e)
     amp_dtype = amp_dtype_for(device, True)
     # Not persistent: the workers stop when a timing ends, instead of prefetching during the next one.
-    classic_kw = {"batch_size": args.batch_size, "shuffle": True, "num_workers": args.workers, "pin_memory": True,
-                  "persistent_workers": False}
-    fast_kw = {"batch_size": args.batch_size, "shuffle": True}
-    get = data.get_MNISTdataset_with_loader
+    classic = {"loader": "classic", "workers": args.workers, "pin_memory": True, "persistent_workers": False}
 
     def fresh_model(channels_last):
         torch.manual_seed(0)
@@ -176,19 +173,19 @@ def main(argv=None):
         print(f"{kind:<6}{pipeline:<20}{str(dtype or 'fp32'):<16}{layout:<15}{img_s:>8.0f} img/s", flush=True)
 
     figures = {}
-    train_classic = get("train", classic_kw, "classic", args.data_dir)
-    test_classic = get("test", {**classic_kw, "batch_size": 256, "shuffle": False}, "classic", args.data_dir)
+    train_classic = data.make_loader(*train_split, batch_size=args.batch_size, train=True, device=device, **classic)
+    test_classic = data.make_loader(*test_split, batch_size=256, train=False, device=device, **classic)
     # The original pipeline first: keep_freed_memory() cannot be undone within a process.
     report("train", "classic_fp32", "classic DataLoader", None, False, train_classic)
     report("eval", "classic_fp32", "classic DataLoader", None, False, test_classic)
     kept = device.type == "cpu" and keep_freed_memory()
     if kept:
         report("train", "classic_fp32_kept", "classic, kept mem", None, False, train_classic)
-    train_fast = get("train", fast_kw, "fast", args.data_dir, device)
+    train_fast = data.make_loader(*train_split, batch_size=args.batch_size, train=True, device=device)
     for key, dtype, cl in [("fast_fp32", None, False), ("fast_fp32_cl", None, True),
                            ("fast_amp", amp_dtype, False), ("fast_amp_cl", amp_dtype, True)]:
         report("train", key, "fast loader", dtype, cl, train_fast)
-    test_fast = get("test", {"batch_size": 256}, "fast", args.data_dir, device)
+    test_fast = data.make_loader(*test_split, batch_size=256, train=False, device=device)
     report("eval", "fast_amp_cl", "fast loader", amp_dtype, True, test_fast)
 
     print(f"\neach convolution alone, batch {args.batch_size}, {amp_dtype or 'fp32'}, channels_last:")

@@ -1,21 +1,28 @@
 """Checkpoints: everything needed to resume a run exactly, written atomically, loaded without running code.
 
-Loading uses `weights_only=True`, so a file carrying pickled code is refused, not run; every way a file can be
-wrong (missing, truncated, another kind of file, another architecture, keys missing) is a one-line
-CheckpointError.
+A run's checkpoint holds the weights, optimizer, scheduler, RNG states, the history, the run's id and its whole
+resolved configuration (`s5.config.RunConfig`). Loading uses `weights_only=True`, so a file carrying pickled code
+is refused, not run; every way a file can be wrong (missing, truncated, another kind of file, another
+architecture, keys missing, values of the wrong type or range) is a one-line CheckpointError, found before
+anything is written.
 """
 
 import io
 import random
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from s5.files import atomic_write
+from s5.config import ConfigError, RunConfig
+from s5.engine import new_history
+from s5.files import LEGACY_RUN, atomic_write
 
-CHECKPOINT_FORMAT = "s5-checkpoint-1"
-RESUME_KEYS = ("model", "optimizer", "scheduler", "epoch", "history", "rng", "args")
+CHECKPOINT_FORMAT = "s5-checkpoint-2"  # 2: the whole configuration and the run id; 1: the command's flags
+FORMATS = (CHECKPOINT_FORMAT, "s5-checkpoint-1")
+RESUME_KEYS = ("model", "optimizer", "scheduler", "epoch", "history", "rng")
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DataParallel/DDP and torch.compile wrap the names of the weights
 
 
 class CheckpointError(ValueError):
@@ -43,34 +50,61 @@ def set_rng_state(state):
 
 
 def _unwrapped(model):
-    return getattr(model, "module", model)  # DataParallel/DDP wrappers: save the plain model's names
+    """The plain model inside DataParallel/DDP (`module`) and torch.compile (`_orig_mod`) wrappers."""
+    while isinstance(getattr(model, "module", None), torch.nn.Module) or \
+            isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
+        model = getattr(model, "module", None) or model._orig_mod
+    return model
 
 
-def save_checkpoint(path, model, optimizer=None, scheduler=None, epoch=0, history=None, args=None):
-    """Everything needed to resume a run exactly, written atomically."""
+def _plain(value):
+    """numpy scalars and arrays as Python numbers and lists, so weights_only loading reads back what was saved."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value)
+    return value
+
+
+def checkpoint_bytes(model, optimizer=None, scheduler=None, epoch=0, history=None, config=None, run_id=None):
+    """A checkpoint as bytes: everything needed to resume a run exactly (see save_checkpoint)."""
     state = {
         "format": CHECKPOINT_FORMAT,
         "arch": type(_unwrapped(model)).__name__,
         "model": _unwrapped(model).state_dict(),
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
-        "epoch": epoch,
-        "history": history,
+        "epoch": int(epoch),
+        "history": _plain(history),
         "rng": rng_state(),
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in (args or {}).items()},
+        "config": config.to_dict() if isinstance(config, RunConfig) else None,
+        "run_id": run_id,
     }
-    _save(path, state)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)  # serialised in memory first: a full disk then fails with the OS's own errno
+    return buffer.getvalue()
+
+
+def save_checkpoint(path, model, optimizer=None, scheduler=None, epoch=0, history=None, config=None):
+    """Everything needed to resume a run exactly, written atomically to `path`."""
+    data = checkpoint_bytes(model, optimizer, scheduler, epoch, history, config)
+    atomic_write(path, lambda f: f.write(data))
+
+
+def weights_bytes(model):
+    buffer = io.BytesIO()
+    torch.save(_unwrapped(model).state_dict(), buffer)
+    return buffer.getvalue()
 
 
 def save_weights(path, model):
     """The model's weights alone (a state_dict, as model.pt), written atomically."""
-    _save(path, _unwrapped(model).state_dict())
-
-
-def _save(path, obj):
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)  # serialised in memory first: a full disk then fails with the OS's own errno
-    atomic_write(path, lambda f: f.write(buffer.getbuffer()))
+    data = weights_bytes(model)
+    atomic_write(path, lambda f: f.write(data))
 
 
 def load_checkpoint(path, model=None, map_location="cpu"):
@@ -92,15 +126,19 @@ def load_checkpoint(path, model=None, map_location="cpu"):
         raise CheckpointError(
             f"{path} is not a readable checkpoint (truncated, corrupted or another kind of file): "
             "use an intact last.pt/best.pt, or train again") from None
-    if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
+    if isinstance(state, dict) and state.get("format") in FORMATS:
         weights = state.get("model")
     elif isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values()):
         weights, state = state, {"model": state}  # a bare model.state_dict(), e.g. model.pt
     else:
         raise CheckpointError(f"{path} is a torch file but not a checkpoint of this repo: give last.pt, best.pt "
                               "or model.pt from a train.py run")
-    if not isinstance(weights, dict):
+    if not isinstance(weights, dict) or not all(isinstance(k, str) for k in weights):
         raise CheckpointError(f"{path} is damaged: it has no model weights; use another checkpoint of the run")
+    for prefix in WRAPPER_PREFIXES:  # saved from a wrapped model by other code: the plain names
+        if weights and all(k.startswith(prefix) for k in weights):
+            weights = {k.removeprefix(prefix): v for k, v in weights.items()}
+    state["model"] = weights
     if model is not None:
         try:
             model.load_state_dict(weights)
@@ -116,10 +154,58 @@ def load_checkpoint(path, model=None, map_location="cpu"):
     return state
 
 
-def check_resumable(state, path):
-    """CheckpointError unless `state` (from load_checkpoint) holds all a resume needs."""
-    if not state.get("args"):
+class Resumable(NamedTuple):
+    """A run's checkpoint, checked for a resume: its state, configuration, history, epochs done and run id."""
+    state: dict
+    config: RunConfig
+    history: dict
+    epoch: int
+    run_id: str
+
+
+def read_resumable(path, model):
+    """Load `path` into `model` and check every field a resume uses, before anything is written.
+
+    Returns a Resumable. CheckpointError for weights only, missing keys, or values of the wrong type or range
+    (a configuration that could not have been run, an epoch count that disagrees with the history, ...).
+    """
+    state = load_checkpoint(path, model)
+    if state.get("config") is None and not state.get("args"):
         raise CheckpointError(f"{path} holds weights only, not a run to resume: give the run's last.pt")
     missing = [k for k in RESUME_KEYS if state.get(k) is None]
     if missing:
         raise CheckpointError(f"{path} cannot be resumed: it lacks {', '.join(missing)}; give the run's last.pt")
+    try:
+        config = (RunConfig.from_dict(state["config"]) if state.get("config") is not None
+                  else RunConfig.from_legacy_args(state["args"]))
+    except (ConfigError, TypeError) as e:
+        raise CheckpointError(f"{path} holds an impossible configuration ({e}): it was not written by train.py "
+                              "or is damaged; use another checkpoint") from None
+    epoch = state["epoch"]
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or not 0 <= epoch <= config.epochs:
+        raise CheckpointError(f"{path} says {epoch!r} epochs are done, not 0 to {config.epochs}: it is damaged; "
+                              "use another checkpoint")
+    try:
+        history = new_history(state["history"])
+    except (ValueError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{path} holds a damaged history ({e}): use another checkpoint") from None
+    if history["epoch"] != list(range(1, epoch + 1)):
+        raise CheckpointError(f"{path} holds a history of epochs {history['epoch'][:5]} that does not match its "
+                              f"{epoch} epochs done: it is damaged; use another checkpoint")
+    if not _rng_state_ok(state["rng"]):
+        raise CheckpointError(f"{path} holds damaged random-number states: use another checkpoint")
+    run_id = state.get("run_id") or LEGACY_RUN
+    if not isinstance(run_id, str) or not run_id.isalnum():
+        raise CheckpointError(f"{path} holds an impossible run id {run_id!r}: it is damaged")
+    return Resumable(state, config, history, epoch, run_id)
+
+
+def _rng_state_ok(state):
+    try:
+        random.Random().setstate(state["python"])
+        name, keys, *rest = state["numpy"]
+        np.random.RandomState().set_state((name, keys.numpy().astype(np.uint32), *rest))
+        return isinstance(state["torch"], torch.Tensor) and state["torch"].dtype == torch.uint8 and \
+            isinstance(state["cuda"], (list, tuple))
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return False

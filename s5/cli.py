@@ -48,12 +48,17 @@ def positive_number(text):
 positive_number.__name__ = "number"
 
 
-def given_flags(build_parser, argv):
-    """The destinations of the flags written in `argv`, as opposed to those left at their defaults."""
-    parser = build_parser()
-    for action in parser._actions:
-        action.default = argparse.SUPPRESS  # an absent flag then leaves no attribute at all
-    return set(vars(parser.parse_args(argv)))
+FLAG_OF = {"name": "--recipe"}  # configuration fields whose flag is not --field-name
+
+
+def flag(field):
+    """The command-line flag of a configuration field: batch_size -> --batch-size."""
+    return FLAG_OF.get(field, "--" + field.replace("_", "-"))
+
+
+def config_message(error):
+    """A ConfigError in the CLI's words: the flag, then what is wrong with its value."""
+    return f"argument {flag(error.field)}: {error.reason}"
 
 
 def fail(message, code=EXIT_USAGE):

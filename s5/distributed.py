@@ -34,71 +34,109 @@ class Context:
 
 
 def launched_by_torchrun():
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    return "RANK" in os.environ or "WORLD_SIZE" in os.environ
 
 
-def setup(device):
-    """Join the process group torchrun described (or none), and pick this process's device.
+class LaunchError(ValueError):
+    """The torchrun environment variables are missing, inconsistent, or the group could not form; says which."""
 
-    Returns (Context, torch.device or None when there is no group). With a CUDA `device` each process takes
-    the GPU of its LOCAL_RANK and the group runs on NCCL; with the CPU, on gloo.
-    """
+
+def _env_int(name, low, high=None, default=None):
+    text = os.environ.get(name)
+    if text is None:
+        if default is None:
+            raise LaunchError(f"{name} is not set but RANK/WORLD_SIZE are: start the processes with torchrun, or "
+                              "unset RANK and WORLD_SIZE for one process")
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        raise LaunchError(f"{name}={text!r} is not a whole number: start the processes with torchrun") from None
+    if value < low or (high is not None and value > high):
+        raise LaunchError(f"{name}={value} is out of range ({low} to {high if high is not None else 'more'}): "
+                          "start the processes with torchrun")
+    return value
+
+
+def context_from_env():
+    """This process's Context from torchrun's variables, checked; Context() without them. LaunchError if wrong."""
     if not launched_by_torchrun():
-        return Context(), None
-    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    use_cuda = torch.device(device).type == "cuda"
+        return Context()
+    world_size = _env_int("WORLD_SIZE", 1, 1 << 16)
+    rank = _env_int("RANK", 0, world_size - 1)
+    local_rank = _env_int("LOCAL_RANK", 0, world_size - 1, default=0)
+    if world_size > 1:
+        if not os.environ.get("MASTER_ADDR"):
+            raise LaunchError("MASTER_ADDR is not set: start the processes with torchrun (it sets the address "
+                              "where they meet)")
+        _env_int("MASTER_PORT", 1, 65535)
+    return Context(rank, world_size, local_rank)
+
+
+JOIN_TIMEOUT = timedelta(seconds=float(os.environ.get("S5_JOIN_TIMEOUT_S") or 120))  # how long to wait for all ranks
+
+
+def setup(ctx, device):
+    """Join the process group of `ctx` (from context_from_env) and pick this process's device.
+
+    Returns the device this process trains on: with a CUDA `device` the GPU of its LOCAL_RANK, with NCCL;
+    otherwise `device`, with gloo. Waits at most JOIN_TIMEOUT for every process to arrive, then LaunchError.
+    A single process (world size 1) forms no group.
+    """
+    if not ctx.active:
+        return device
+    use_cuda = device.type == "cuda"
     if use_cuda:
-        if local_rank >= torch.cuda.device_count():
-            raise ValueError(f"local rank {local_rank} has no GPU (this machine has {torch.cuda.device_count()}): "
-                             "give --nproc_per_node at most the number of GPUs, or --device cpu")
-        torch.cuda.set_device(local_rank)
+        if ctx.local_rank >= torch.cuda.device_count():
+            raise LaunchError(f"local rank {ctx.local_rank} has no GPU (this machine has "
+                              f"{torch.cuda.device_count()}): start at most one process per GPU, or train on "
+                              "the CPU")
+        torch.cuda.set_device(ctx.local_rank)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=TIMEOUT)
-    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
-    return Context(rank, world_size, local_rank), device
+        addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+        hosts_store = ctx.rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"  # torchrun's agent
+        try:
+            store = dist.TCPStore(addr, port, ctx.world_size, is_master=hosts_store, timeout=JOIN_TIMEOUT,
+                                  wait_for_workers=True)
+            dist.init_process_group("nccl" if use_cuda else "gloo", store=store, rank=ctx.rank,
+                                    world_size=ctx.world_size, timeout=TIMEOUT)
+        except (RuntimeError, OSError, ValueError) as e:  # DistStoreError, DistNetworkError are RuntimeErrors
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise LaunchError(f"process {ctx.rank} of {ctx.world_size} could not join the group at {addr}:{port} "
+                              f"within {JOIN_TIMEOUT.total_seconds():.0f} s ({reason}): start every process with "
+                              "torchrun, with the same MASTER_ADDR and MASTER_PORT") from None
+    return torch.device("cuda", ctx.local_rank) if use_cuda else device
 
 
-def current():
-    """The Context of this process (rank 0 of 1 outside a process group)."""
-    if dist.is_available() and dist.is_initialized():
-        return Context(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
-    return Context()
-
-
-def is_main():
-    return current().is_main
-
-
-def all_sum(*tensors):
+def all_sum(ctx, *tensors):
     """Each tensor summed over all processes, in place (nothing happens in a single process); returns them."""
-    if current().active:
+    if ctx.active:
         for t in tensors:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return tensors
 
 
-def broadcast(value):
+def broadcast(ctx, value):
     """Rank 0's Python value, on every rank."""
-    if not current().active:
+    if not ctx.active:
         return value
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
 
 
-def same_on_every_rank(tensors):
+def same_on_every_rank(ctx, tensors):
     """Whether every process holds bit-identical tensors (compared by a checksum of their bytes)."""
-    if not current().active:
+    if not ctx.active:
         return True
     digest = torch.stack([t.detach().double().abs().sum() + t.detach().double().sum() for t in tensors])
-    gathered = [torch.empty_like(digest) for _ in range(current().world_size)]
+    gathered = [torch.empty_like(digest) for _ in range(ctx.world_size)]
     dist.all_gather(gathered, digest)
     return all(torch.equal(gathered[0], g) for g in gathered[1:])
 
 
-def barrier():
-    if current().active:
+def barrier(ctx):
+    if ctx.active:
         dist.barrier()
 
 

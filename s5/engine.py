@@ -1,29 +1,33 @@
-"""Training: optimizer, scheduler, loss, recipes, the classic `train`/`test` loops and the epoch loop `fit`.
+"""Training: optimizer, scheduler and loss from a recipe, one training epoch, one evaluation, and the epoch loop.
 
-The notebook calls `train` and `test` in its own visible loop, as the original did; `fit` is the same loop with
-what train.py needs around it (history, timing, a per-epoch callback for checkpoints).
+`train_epoch` and `evaluate` return their figures; `fit` loops over epochs and keeps the run's history. The
+classic notebook's `train`/`test`, which fill lists and print, are thin adapters over these in utils.py. Where
+the process stands among several (torchrun) is the `ctx` the entry point passes; nothing here looks it up.
 """
 
 import math
 import time
-from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from s5 import distributed
-from s5.device import as_device
+from s5.config import SCHEDULERS
 from s5.evaluation import predict_loader
 
+SINGLE = distributed.Context()  # one process, no group
 OPTIMIZERS = {
     "SGD": lambda params, lr, momentum, weight_decay, nesterov: torch.optim.SGD(
         params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov),
     "Adam": lambda params, lr, momentum, weight_decay, nesterov: torch.optim.Adam(
         params, lr=lr, weight_decay=weight_decay),  # Adam has no momentum/nesterov of that kind
+    "AdamW": lambda params, lr, momentum, weight_decay, nesterov: torch.optim.AdamW(
+        params, lr=lr, weight_decay=weight_decay),
 }
 LOSSES = {"nll_loss": F.nll_loss, "cross_entropy": F.cross_entropy}
-SCHEDULERS = ("StepLR", "OneCycleLR")
+# Schedulers that move the learning rate every batch; the others move it every epoch.
+PER_BATCH = (torch.optim.lr_scheduler.OneCycleLR, torch.optim.lr_scheduler.CyclicLR)
 
 
 class TrainingDivergedError(FloatingPointError):
@@ -62,11 +66,18 @@ class _VerboseStepLR(torch.optim.lr_scheduler.StepLR):
 def get_scheduler(optimizer, step_size=15, gamma=0.1, verbose=False, *, name="StepLR", max_lr=None,
                   total_steps=None, pct_start=0.25):
     """StepLR(step_size, gamma) as in the original, stepped once per epoch; or a OneCycleLR over
-    `total_steps` batches peaking at `max_lr`, stepped once per batch (`train(..., scheduler=...)`)."""
+    `total_steps` batches peaking at `max_lr`, warming up for `pct_start` of them, stepped once per batch."""
     if name == "StepLR":
+        if isinstance(step_size, bool) or not isinstance(step_size, int) or step_size < 1:
+            raise ValueError(f"step_size={step_size!r}: give a whole number of epochs, 1 or more")
+        _check_number("gamma", gamma)
         cls = _VerboseStepLR if verbose else torch.optim.lr_scheduler.StepLR
         return cls(optimizer, step_size=step_size, gamma=gamma)
     if name == "OneCycleLR":
+        _check_number("pct_start", pct_start, high=1.0)
+        if pct_start >= 1.0:
+            raise ValueError(f"pct_start={pct_start!r}: give a share of the steps above 0 and below 1")
+        _check_number("max_lr", max_lr)
         if not isinstance(total_steps, int) or pct_start * total_steps <= 1 or (1 - pct_start) * total_steps <= 1:
             least = math.floor(1 / min(pct_start, 1 - pct_start)) + 1
             raise ValueError(f"a one-cycle schedule needs at least {least} optimizer steps to warm up and cool down, "
@@ -78,8 +89,8 @@ def get_scheduler(optimizer, step_size=15, gamma=0.1, verbose=False, *, name="St
 
 
 def steps_per_batch(scheduler):
-    """Whether `scheduler` is stepped after every batch (one-cycle) rather than after every epoch."""
-    return isinstance(scheduler, torch.optim.lr_scheduler.OneCycleLR)
+    """Whether `scheduler` moves the learning rate after every batch (one-cycle, cyclic) rather than every epoch."""
+    return isinstance(scheduler, PER_BATCH)
 
 
 def get_loss(loss_name="nll_loss"):
@@ -88,104 +99,50 @@ def get_loss(loss_name="nll_loss"):
     return LOSSES[loss_name]
 
 
-@dataclass(frozen=True)
-class Recipe:
-    """Hyperparameters of a training run. `seed` is the original S5 notebook's."""
-    name: str
-    epochs: int
-    batch_size: int
-    lr: float  # the StepLR start, or the OneCycleLR peak
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    nesterov: bool = False
-    scheduler: str = "StepLR"
-    step_size: int = 15
-    gamma: float = 0.1
-
-    def __post_init__(self):
-        for name in ("epochs", "batch_size", "step_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r}: give a positive whole number")
-        _check_number("lr", self.lr)
-        _check_number("momentum", self.momentum, low_ok=True, high=1.0)
-        _check_number("weight_decay", self.weight_decay, low_ok=True)
-        _check_number("gamma", self.gamma)
-
-
-RECIPES = {
-    "seed": Recipe("seed", epochs=20, batch_size=512, lr=0.01),
-    "fast": Recipe("fast", epochs=2, batch_size=128, lr=0.15, weight_decay=5e-4, nesterov=True,
-                   scheduler="OneCycleLR"),
-}
-RECIPE_FIELDS = tuple(f.name for f in fields(Recipe))
-
-
-def get_recipe(name, **overrides):
-    """RECIPES[name] with the overrides that are not None (e.g. from command-line flags), checked."""
-    if name not in RECIPES:
-        raise ValueError(f"unknown recipe {name!r}: use one of {', '.join(RECIPES)}")
-    unknown = set(overrides) - set(RECIPE_FIELDS)
-    if unknown:
-        raise ValueError(f"get_recipe got {sorted(unknown)}: a recipe has {', '.join(RECIPE_FIELDS[1:])}")
-    return replace(RECIPES[name], **{k: v for k, v in overrides.items() if v is not None})
-
-
 def build_training(model, recipe, steps_per_epoch, verbose=False):
     """Optimizer, scheduler and loss for `recipe`: the notebook's get_optimizer/get_scheduler/get_loss, in one call."""
-    optimizer = get_optimizer(model, "SGD", recipe.lr, recipe.momentum, recipe.weight_decay, recipe.nesterov)
+    optimizer = get_optimizer(model, recipe.optimizer, recipe.lr, recipe.momentum, recipe.weight_decay,
+                              recipe.nesterov)
     scheduler = get_scheduler(optimizer, recipe.step_size, recipe.gamma, verbose, name=recipe.scheduler,
-                              max_lr=recipe.lr, total_steps=recipe.epochs * steps_per_epoch)
+                              max_lr=recipe.lr, total_steps=recipe.epochs * steps_per_epoch,
+                              pct_start=recipe.pct_start)
     return optimizer, scheduler, get_loss("nll_loss")
 
 
-def _correct(pred, labels):
+def count_correct(pred, labels):
+    """How many rows of `pred` have their arg-max at the label, as a tensor (no sync with a GPU)."""
     return pred.argmax(dim=1).eq(labels).sum()
-
-
-def GetCorrectPredCount(pPrediction, pLabels):
-    """Number of rows of `pPrediction` whose arg-max equals the label."""
-    return int(_correct(pPrediction, pLabels).item())
 
 
 REFRESH_EVERY = 10  # batches between progress-bar updates and NaN checks (each one syncs a GPU)
 
 
-def train(model, device, train_loader, optimizer, criterion, train_losses, train_acc, *, scheduler=None,
-          amp_dtype=None, scaler=None, progress=True, steps=None):
-    """One training epoch; appends the epoch's mean loss and accuracy (%) to the lists given.
+def train_epoch(model, loader, optimizer, criterion, *, device, ctx=SINGLE, scheduler=None, amp_dtype=None,
+                scaler=None, progress=True, steps=None, epoch_before=0):
+    """One training epoch on `device` (a torch.device); returns its mean loss and accuracy (%).
 
     `steps`, a dict with the STEP_RECORD lists (e.g. a `new_history()`), also gets a row every REFRESH_EVERY
-    batches: the fractional epoch (this is epoch len(train_losses) + 1), the learning rate, and the mean loss
-    and accuracy of the batches since the last row.
-
-    `scheduler`, when given, is stepped after every batch (OneCycleLR); epoch-wise schedulers are
-    stepped by the caller. Raises TrainingDivergedError as soon as the loss is NaN or infinite.
-    In a process group (torchrun) the figures are over all processes' batches, and each process's loss is
-    weighted by its share of the global batch, so DistributedDataParallel's gradient average is the
-    single-process gradient even when the shares differ (a last, smaller batch).
+    batches: the fractional epoch (this is epoch `epoch_before` + 1), the learning rate, and the mean loss
+    and accuracy of the batches since the last row. `scheduler`, when given, is stepped after every batch
+    (per-batch schedulers); epoch-wise ones are stepped by the caller. Raises TrainingDivergedError as soon
+    as the loss is NaN or infinite. Under torchrun (`ctx` active) the figures are over all processes'
+    batches, and each process's loss is weighted by its share of the global batch, so DDP's gradient
+    average is the single-process gradient even when the shares differ (a last, smaller batch).
     """
-    device = as_device(device)
-    ctx = distributed.current()
     model.train()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
-    processed = torch.zeros((), dtype=torch.int64, device=device)
-    batch_idx, loss = -1, None
-    n_batches = len(train_loader) if hasattr(train_loader, "__len__") else None
-    last_row = (0.0, 0, 0)  # loss sum, correct, processed at the last step row
-    epoch_before = len(train_losses)
-    pbar = tqdm(train_loader, disable=not (progress and ctx.is_main), dynamic_ncols=True, leave=False)
+    seen = torch.zeros((), dtype=torch.int64, device=device)
+    batch_idx, loss, last_row = -1, None, (0.0, 0, 0)
+    n_batches = len(loader) if hasattr(loader, "__len__") else None
+    pbar = tqdm(loader, disable=not (progress and ctx.is_main), dynamic_ncols=True, leave=False)
     for batch_idx, (data, target) in enumerate(pbar):
         data, target = data.to(device, non_blocking=True), target.to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             output = model(data)
             loss = criterion(output, target) if len(target) else output.sum() * 0.0  # an empty share adds nothing
-        step_loss = loss
-        if ctx.active:
-            n_global = distributed.all_sum(torch.tensor(len(target), device=device))[0]
-            step_loss = loss * (len(target) * ctx.world_size / n_global)
+        step_loss = loss if not ctx.active else loss * _share_weight(ctx, len(target), device)
         if scaler is not None:
             scaler.scale(step_loss).backward()
             scaler.step(optimizer)
@@ -196,19 +153,24 @@ def train(model, device, train_loader, optimizer, criterion, train_losses, train
         if scheduler is not None:
             scheduler.step()
         loss_sum += loss.detach().float() * len(target)
-        correct += _correct(output.detach(), target)
-        processed += len(target)
+        correct += count_correct(output.detach(), target)
+        seen += len(target)
         if (batch_idx + 1) % REFRESH_EVERY == 0:
-            totals = _check_and_show(pbar, loss_sum, correct, processed, batch_idx, loss)
+            totals = _check_and_show(ctx, pbar, loss_sum, correct, seen, batch_idx, loss)
             if steps is not None:
                 last_row = _record_step(steps, totals, last_row, epoch_before, batch_idx + 1, n_batches, optimizer)
     if batch_idx < 0:
         raise ValueError("the training loader gave no batches: nothing to train on")
-    totals = _check_and_show(pbar, loss_sum, correct, processed, batch_idx, loss)
+    totals = _check_and_show(ctx, pbar, loss_sum, correct, seen, batch_idx, loss)
     if steps is not None and totals[2] > last_row[2]:
         _record_step(steps, totals, last_row, epoch_before, batch_idx + 1, batch_idx + 1, optimizer)
-    train_losses.append(totals[0] / totals[2])
-    train_acc.append(100 * totals[1] / totals[2])
+    return totals[0] / totals[2], 100 * totals[1] / totals[2]
+
+
+def _share_weight(ctx, n_local, device):
+    """This process's share of the global batch times the number of processes: DDP then averages to the mean."""
+    n_global = distributed.all_sum(ctx, torch.tensor(n_local, device=device))[0]
+    return n_local * ctx.world_size / n_global
 
 
 def _record_step(steps, totals, last_row, epoch_before, done, n_batches, optimizer):
@@ -223,12 +185,12 @@ def _record_step(steps, totals, last_row, epoch_before, done, n_batches, optimiz
     return totals
 
 
-def _check_and_show(pbar, loss_sum, correct, processed, batch_idx, loss):
+def _check_and_show(ctx, pbar, loss_sum, correct, processed, batch_idx, loss):
     """Stop on a NaN/inf loss; show the original's progress line (both sync with a GPU, hence not every batch).
 
     Returns the loss sum, correct count and images seen so far, over every process: all of them decide alike.
     """
-    loss_sum, correct, processed = distributed.all_sum(loss_sum.clone(), correct.clone(), processed.clone())
+    loss_sum, correct, processed = distributed.all_sum(ctx, loss_sum.clone(), correct.clone(), processed.clone())
     loss_sum, correct, processed = loss_sum.item(), correct.item(), processed.item()
     if not math.isfinite(loss_sum):
         raise TrainingDivergedError(f"training diverged: loss is {loss_sum / max(processed, 1)} at batch "
@@ -238,24 +200,25 @@ def _check_and_show(pbar, loss_sum, correct, processed, batch_idx, loss):
     return loss_sum, correct, processed
 
 
-def test(model, device, test_loader, criterion, test_losses, test_acc, *, amp_dtype=None, progress=True):
-    """Evaluate; appends the mean per-sample loss and accuracy (%) to the lists given.
+def evaluate(model, loader, criterion, *, device, ctx=SINGLE, amp_dtype=None, progress=True):
+    """Mean per-sample loss, accuracy (%), number correct and number of images of `model` over `loader`.
 
-    In a process group each process evaluates its share and the sums are added up: every image counts once.
+    Under torchrun each process evaluates its share and the sums are added up: every image counts once.
     """
-    device = as_device(device)
-    ctx = distributed.current()
-    log_probs, labels, _ = predict_loader(model, test_loader, device, amp_dtype, progress=progress and ctx.is_main)
+    log_probs, labels, _ = predict_loader(model, loader, device, amp_dtype, progress=progress and ctx.is_main)
     # One criterion call over all outputs is the true per-sample mean (the original summed batch
     # means and divided by the dataset size, which printed 0.0000).
-    local_loss = criterion(log_probs, labels).double() * len(labels) if len(labels) else torch.zeros(())
-    sums = torch.tensor([float(local_loss), GetCorrectPredCount(log_probs, labels), len(labels)], dtype=torch.float64)
-    loss_sum, n_correct, n = distributed.all_sum(sums.to(device))[0].tolist()
-    test_loss, n_correct, n = loss_sum / n, int(n_correct), int(n)
-    test_losses.append(test_loss)
-    test_acc.append(100.0 * n_correct / n)
-    if ctx.is_main:
-        print(f"Test set: Average loss: {test_loss:.4f}, Accuracy: {n_correct}/{n} ({100.0 * n_correct / n:.2f}%)")
+    local_loss = float(criterion(log_probs, labels).double()) * len(labels) if len(labels) else 0.0
+    sums = torch.tensor([local_loss, float(count_correct(log_probs, labels)), len(labels)], dtype=torch.float64)
+    loss_sum, n_correct, n = distributed.all_sum(ctx, sums.to(device))[0].tolist()
+    if n == 0:
+        raise ValueError("the evaluation loader gave no images: nothing to evaluate")
+    return loss_sum / n, 100.0 * n_correct / n, int(n_correct), int(n)
+
+
+def report_line(loss, n_correct, n):
+    """The original notebook's line after each evaluation."""
+    return f"Test set: Average loss: {loss:.4f}, Accuracy: {n_correct}/{n} ({100.0 * n_correct / n:.2f}%)"
 
 
 # One record of a run: the history's keys are metrics.csv's columns (one row an epoch) and steps.csv's (a row
@@ -267,10 +230,19 @@ _OLD_HISTORY_KEYS = {"train_losses": "train_loss", "test_losses": "test_loss"}  
 
 
 def new_history(saved=None):
-    """An empty history, or a saved one (older spellings renamed) checked to have one value per epoch and step."""
+    """An empty history, or a saved one (older spellings renamed) checked: one number per epoch and step."""
     history = {k: [] for k in {**EPOCH_RECORD, **STEP_RECORD}}
+    if saved is not None and not isinstance(saved, dict):
+        raise ValueError("the history is not a mapping")
     for key, values in (saved or {}).items():
-        history[_OLD_HISTORY_KEYS.get(key, key)] = list(values)
+        key = _OLD_HISTORY_KEYS.get(key, key)
+        if key not in history or not isinstance(values, (list, tuple)):
+            raise ValueError(f"the history's {key!r} is not a list of a known metric")
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            raise ValueError(f"the history's {key!r} holds values that are not numbers")
+        history[key] = list(values)
+    if not all(isinstance(e, int) for e in history["epoch"]):
+        raise ValueError("the history's epochs are not whole numbers")
     if len({len(history[k]) for k in EPOCH_RECORD}) != 1:
         raise ValueError("the saved history does not have one value of each metric per epoch")
     if len({len(history[k]) for k in STEP_RECORD}) != 1:
@@ -278,16 +250,17 @@ def new_history(saved=None):
     return history
 
 
-def fit(model, device, train_loader, test_loader, optimizer, scheduler, criterion, epochs, *, history=None,
-        start_epoch=1, amp_dtype=None, on_epoch_end=None, progress=True, started=None):
-    """The epoch loop of train.py and the tests: train, test, step an epoch-wise scheduler, record.
+def fit(model, device, train_loader, test_loader, optimizer, scheduler, criterion, epochs, *, ctx=SINGLE,
+        history=None, start_epoch=1, amp_dtype=None, on_epoch_end=None, progress=True, started=None):
+    """The epoch loop of train.py and the tests: train, evaluate, step an epoch-wise scheduler, record.
 
     Appends one value of each EPOCH_RECORD key per epoch to `history` (a new one when None) and returns it,
-    then calls `on_epoch_end(epoch, history)` (train.py saves checkpoints there). Starting at `start_epoch`
+    then calls `on_epoch_end(epoch, history)` (a run saves checkpoints there). Starting at `start_epoch`
     with a restored `history` continues a run. `elapsed_seconds` counts from `started` (a time.perf_counter()
-    value; default: now), plus the elapsed time the restored history already holds.
+    value; default: now), plus the elapsed time the restored history already holds. Per-batch schedulers are
+    stepped every batch, ReduceLROnPlateau with the epoch's test loss, the others once an epoch.
     """
-    device = as_device(device)
+    device = torch.device(device)
     for name, value in (("epochs", epochs), ("start_epoch", start_epoch)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}={value!r}: give a positive whole number")
@@ -295,27 +268,32 @@ def fit(model, device, train_loader, test_loader, optimizer, scheduler, criterio
     started = time.perf_counter() if started is None else started
     elapsed_before = history["elapsed_seconds"][-1] if history["elapsed_seconds"] else 0.0
     per_batch = steps_per_batch(scheduler)
+    on_plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
-    main = distributed.is_main()
+    say = print if ctx.is_main else (lambda *a, **k: None)
     for epoch in range(start_epoch, epochs + 1):
         for shuffler in (train_loader, getattr(train_loader, "sampler", None)):  # ours, or a DistributedSampler
             if hasattr(shuffler, "set_epoch"):
                 shuffler.set_epoch(epoch)
         lr = optimizer.param_groups[0]["lr"]
-        if main:
-            print(f"Epoch {epoch}  lr {lr:.4g}")
+        say(f"Epoch {epoch}  lr {lr:.4g}")
         t0 = time.perf_counter()
-        train(model, device, train_loader, optimizer, criterion, history["train_loss"], history["train_acc"],
-              scheduler=scheduler if per_batch else None, amp_dtype=amp_dtype, scaler=scaler, progress=progress,
-              steps=history)
-        history["train_seconds"].append(time.perf_counter() - t0)
-        test(model, device, test_loader, criterion, history["test_loss"], history["test_acc"], amp_dtype=amp_dtype,
-             progress=progress)
-        if scheduler is not None and not per_batch:
+        train_loss, train_acc = train_epoch(model, train_loader, optimizer, criterion, device=device, ctx=ctx,
+                                            scheduler=scheduler if per_batch else None, amp_dtype=amp_dtype,
+                                            scaler=scaler, progress=progress, steps=history,
+                                            epoch_before=epoch - 1)
+        train_seconds = time.perf_counter() - t0
+        test_loss, test_acc, n_correct, n = evaluate(model, test_loader, criterion, device=device, ctx=ctx,
+                                                     amp_dtype=amp_dtype, progress=progress)
+        say(report_line(test_loss, n_correct, n))
+        if on_plateau:
+            scheduler.step(test_loss)
+        elif scheduler is not None and not per_batch:
             scheduler.step()
-        history["epoch"].append(epoch)
-        history["lr"].append(lr)
-        history["elapsed_seconds"].append(elapsed_before + time.perf_counter() - started)
+        for key, value in (("epoch", epoch), ("lr", lr), ("train_loss", train_loss), ("train_acc", train_acc),
+                           ("test_loss", test_loss), ("test_acc", test_acc), ("train_seconds", train_seconds),
+                           ("elapsed_seconds", elapsed_before + time.perf_counter() - started)):
+            history[key].append(value)
         if on_epoch_end is not None:
             on_epoch_end(epoch, history)
     return history

@@ -4,6 +4,7 @@ Each function returns a matplotlib Figure (Jupyter shows it inline) and, given `
 a PNG atomically.
 """
 
+import io
 import math
 from pathlib import Path
 
@@ -21,9 +22,17 @@ def _denormalise(images):
     return (images.detach().float().cpu() * STD + MEAN).clamp(0, 1).numpy()
 
 
+def png_bytes(fig):
+    """`fig` as PNG bytes (100 dpi, tight): rendered before any file is opened."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    return buffer.getvalue()
+
+
 def save_figure(fig, path):
     """Save `fig` as PNG atomically (no half-written image if the run is killed)."""
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100, bbox_inches="tight"))
+    data = png_bytes(fig)
+    atomic_write(path, lambda f: f.write(data))
 
 
 def _finish(fig, save_path):

@@ -16,18 +16,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from model import Net  # noqa: E402
+import utils  # noqa: E402
 from s5 import engine  # noqa: E402
 from s5.checkpoints import save_checkpoint  # noqa: E402
-from s5.data import (  # noqa: E402
-    DATA_DIR,
-    MEAN,
-    MNIST_MD5,
-    STD,
-    ensure_mnist,
-    get_mnist_dataset,
-    get_MNISTdataset_with_loader,
-    raw_dir,
-)
+from s5.data import MEAN, STD, get_mnist_dataset  # noqa: E402
+from s5.mnist import DATA_DIR, MNIST_MD5, ensure_mnist, raw_dir  # noqa: E402
+from utils import get_MNISTdataset_with_loader  # noqa: E402
 from s5.device import set_seed  # noqa: E402
 
 
@@ -81,7 +75,7 @@ def trained(mnist_root, tmp_path_factory):
     train_loader = get_MNISTdataset_with_loader("train", {"batch_size": 64, "shuffle": True}, data_dir=mnist_root,
                                                       device=device, subset=12_000)
     opt = engine.get_optimizer(model, "SGD", 0.02, 0.9)
-    engine.train(model, device, train_loader, opt, engine.get_loss(), [], [], progress=False)
+    utils.train(model, device, train_loader, opt, engine.get_loss(), [], [], progress=False)
     path = tmp_path_factory.mktemp("ckpt") / "model.pt"
     save_checkpoint(path, model, epoch=1)
     test = get_mnist_dataset(False, mnist_root)

@@ -10,11 +10,12 @@ from model import Net
 from s5.checkpoints import (
     CHECKPOINT_FORMAT,
     CheckpointError,
-    check_resumable,
     load_checkpoint,
+    read_resumable,
     save_checkpoint,
     set_rng_state,
 )
+from s5.config import RunConfig
 from s5.device import set_seed
 from s5.engine import get_optimizer, get_scheduler, new_history
 
@@ -34,7 +35,8 @@ def test_round_trip_restores_everything(tmp_path):
     model, opt, sched = _trained_state()
     hist = new_history()
     hist["test_acc"].append(97.5)
-    save_checkpoint(tmp_path / "last.pt", model, opt, sched, 3, hist, {"lr": 0.01, "out": tmp_path})
+    config = RunConfig.build("seed", lr=0.02, out=str(tmp_path))
+    save_checkpoint(tmp_path / "last.pt", model, opt, sched, 3, hist, config)
     expected = (random.random(), np.random.rand(), torch.rand(1))
 
     fresh = Net()
@@ -45,7 +47,10 @@ def test_round_trip_restores_everything(tmp_path):
     opt2.load_state_dict(state["optimizer"])
     buffers = [o.state_dict()["state"][0]["momentum_buffer"] for o in (opt, opt2)]
     assert torch.equal(*buffers)
-    assert state["epoch"] == 3 and state["history"]["test_acc"] == [97.5] and state["args"]["out"] == str(tmp_path)
+    assert state["epoch"] == 3 and state["history"]["test_acc"] == [97.5]
+    assert RunConfig.from_dict(state["config"]) == config  # saved whole: every field, resolved
+    assert {k: state["config"]["recipe"][k] for k in ("epochs", "batch_size", "lr")} == \
+        {"epochs": 20, "batch_size": 512, "lr": 0.02}  # resolved: no None
     assert state["scheduler"]["last_epoch"] == 1
     set_rng_state(state["rng"])
     assert (random.random(), np.random.rand(), torch.rand(1)) == expected
@@ -115,15 +120,91 @@ def test_nan_weights_are_refused(tmp_path):
         load_checkpoint(tmp_path / "nan.pt", Net())
 
 
+def one_epoch_history():
+    history = new_history()
+    for key in history:
+        history[key].append(1 if key == "epoch" else 0.5)
+    return history
+
+
 def test_resume_needs_every_key(tmp_path):
     model, opt, sched = _trained_state()
-    save_checkpoint(tmp_path / "last.pt", model, opt, sched, 1, {"epoch": [1]}, {"lr": 0.01})
-    check_resumable(load_checkpoint(tmp_path / "last.pt"), tmp_path / "last.pt")
-    save_checkpoint(tmp_path / "bare.pt", model, epoch=1, args={"lr": 0.01})
+    save_checkpoint(tmp_path / "last.pt", model, opt, sched, 1, one_epoch_history(), RunConfig.build("seed"))
+    assert read_resumable(tmp_path / "last.pt", Net()).epoch == 1
+    save_checkpoint(tmp_path / "bare.pt", model, epoch=1, config=RunConfig.build("seed"))
     with pytest.raises(CheckpointError, match="cannot be resumed: it lacks optimizer, scheduler, history"):
-        check_resumable(load_checkpoint(tmp_path / "bare.pt"), tmp_path / "bare.pt")
+        read_resumable(tmp_path / "bare.pt", Net())
+    torch.save(model.state_dict(), tmp_path / "model.pt")
     with pytest.raises(CheckpointError, match="holds weights only"):
-        check_resumable({"model": {}}, "model.pt")
+        read_resumable(tmp_path / "model.pt", Net())
+
+
+def _tampered(tmp_path, change):
+    """A real resumable checkpoint with one field changed the way a hostile or damaged file might have it."""
+    model, opt, sched = _trained_state()
+    save_checkpoint(tmp_path / "last.pt", model, opt, sched, 1, one_epoch_history(), RunConfig.build("seed"))
+    state = torch.load(tmp_path / "last.pt", weights_only=True)
+    change(state)
+    torch.save(state, tmp_path / "last.pt")
+    return tmp_path / "last.pt"
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda s: s["config"].update(seed=-1), "impossible configuration.*seed"),
+    (lambda s: s["config"].update(data_dir=5), "impossible configuration.*data_dir"),
+    (lambda s: s["config"]["recipe"].update(batch_size=0), "impossible configuration.*batch_size"),
+    (lambda s: s["config"]["recipe"].update(lr=float("nan")), "impossible configuration.*lr"),
+    (lambda s: s["config"].update(loader="evil"), "impossible configuration.*loader"),
+    (lambda s: s["config"].update(surprise=1), "impossible configuration.*surprise"),
+    (lambda s: s.update(epoch="1"), "says '1' epochs are done"),
+    (lambda s: s.update(epoch=-5), "says -5 epochs are done"),
+    (lambda s: s.update(epoch=2), "does not match its 2 epochs done"),
+    (lambda s: s["history"].update(epoch=[1.0]), "epochs are not whole numbers"),
+    (lambda s: s["history"].update(test_acc=["99"]), "not numbers"),
+    (lambda s: s["history"].update(test_acc=[]), "one value of each metric per epoch"),
+    (lambda s: s.update(history=[1, 2]), "damaged history"),
+    (lambda s: s["rng"].update(python="x"), "random-number states"),
+    (lambda s: s.update(run_id="../x"), "impossible run id"),
+])
+def test_hostile_or_odd_fields_are_refused_at_load(tmp_path, change, match):
+    with pytest.raises(CheckpointError, match=match):
+        read_resumable(_tampered(tmp_path, change), Net())
+
+
+def test_what_we_save_we_load_numpy_values_and_wrapped_models(tmp_path):
+    model, opt, sched = _trained_state()
+    history = one_epoch_history()
+    history["test_acc"] = [np.float64(97.5)]
+    save_checkpoint(tmp_path / "last.pt", torch.nn.DataParallel(model), opt, sched, np.int64(1), history,
+                    RunConfig.build("seed"))
+    resumed = read_resumable(tmp_path / "last.pt", Net())
+    assert resumed.epoch == 1 and resumed.history["test_acc"] == [97.5]
+    # Files other code wrote from wrapped models: names with "module." or "_orig_mod." load into a plain Net.
+    for prefix in ("module.", "_orig_mod."):
+        torch.save({prefix + k: v for k, v in model.state_dict().items()}, tmp_path / "wrapped.pt")
+        fresh = Net()
+        load_checkpoint(tmp_path / "wrapped.pt", fresh)
+        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))
+
+
+def test_compiled_model_saves_plain_names(tmp_path):
+    model = Net()
+    compiled = torch.compile(model)  # wrapping only: nothing is compiled until it is called
+    save_checkpoint(tmp_path / "c.pt", compiled, epoch=1)
+    state = torch.load(tmp_path / "c.pt", weights_only=True)
+    assert set(state["model"]) == set(model.state_dict()) and state["arch"] == "Net"
+
+
+def test_checkpoint_of_an_older_version_resumes_with_its_flags(tmp_path):
+    model, opt, sched = _trained_state()
+    save_checkpoint(tmp_path / "last.pt", model, opt, sched, 1, one_epoch_history())
+    state = torch.load(tmp_path / "last.pt", weights_only=True)
+    state.update(format="s5-checkpoint-1", args={"recipe": "fast", "epochs": 2, "batch_size": None, "lr": None,
+                                                 "seed": 3, "out": "runs/x", "resume": None}, config=None)
+    del state["run_id"]
+    torch.save(state, tmp_path / "last.pt")
+    resumed = read_resumable(tmp_path / "last.pt", Net())
+    assert resumed.config.recipe.batch_size == 128 and resumed.config.seed == 3 and resumed.run_id == "legacy"
 
 
 def test_damaged_checkpoint_without_weights(tmp_path):

@@ -40,13 +40,16 @@ def test_parser_errors_are_one_line_with_exit_2(capsys):
     assert err == "error: argument --epochs: 0 is out of range: give 1 or more (see train.py --help)\n"
 
 
-def test_given_flags_tells_written_flags_from_defaults():
-    def build():
-        p = cli.ArgumentParser()
-        p.add_argument("--epochs", type=int)
-        p.add_argument("--seed", type=int, default=1)
-        p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
-        return p
+def test_train_parser_keeps_only_the_flags_written():
+    import train  # the one parse: absent flags leave no value, so the configuration's defaults apply
 
-    assert cli.given_flags(build, ["--seed", "1", "--no-progress"]) == {"seed", "progress"}
-    assert cli.given_flags(build, []) == set()
+    assert vars(train.build_parser().parse_args(["--seed", "1", "--no-progress"])) == {"seed": 1, "progress": False}
+    assert vars(train.build_parser().parse_args([])) == {}
+
+
+def test_config_errors_are_worded_with_the_flag():
+    from s5.config import ConfigError
+
+    assert cli.config_message(ConfigError("batch_size", "0 is out of range")) == \
+        "argument --batch-size: 0 is out of range"
+    assert cli.config_message(ConfigError("name", "unknown")).startswith("argument --recipe:")

@@ -10,18 +10,9 @@ from conftest import REPO
 from torch.utils.data import DataLoader
 from torchvision import datasets
 
-from s5.data import (
-    MNIST_MD5,
-    MNISTDataError,
-    default_data_dir,
-    ensure_mnist,
-    file_md5,
-    get_mnist_dataset,
-    get_MNISTdataset_with_loader,
-    get_test_transforms,
-    get_train_transforms,
-    raw_dir,
-)
+from s5.data import get_mnist_dataset, get_test_transforms, get_train_transforms
+from s5.mnist import MNIST_MD5, MNISTDataError, default_data_dir, ensure_mnist, file_md5, load_split, raw_dir
+from utils import get_MNISTdataset_with_loader
 
 
 def test_tiny_files_read_through_torchvision(tiny_mnist):
@@ -162,8 +153,8 @@ def test_folder_where_a_file_should_be(tiny_mnist):
     path = raw_dir(root) / "t10k-images-idx3-ubyte"
     path.unlink()
     path.mkdir()
-    with pytest.raises(MNISTDataError, match="t10k-images-idx3-ubyte is not a regular file.*remove it"):
-        ensure_mnist(root, checksums)
+    with pytest.raises(MNISTDataError, match="t10k-images-idx3-ubyte is a folder, not a file.*remove it"):
+        load_split(False, root, checksums)
 
 
 @pytest.mark.parametrize("where", ["file", "proc"])
@@ -171,7 +162,7 @@ def test_unwritable_data_folder_is_one_line(tmp_path, where):
     root = tmp_path / "a-file" if where == "file" else Path("/proc/s5-no-such-place")
     if where == "file":
         root.write_text("not a folder")
-    with pytest.raises(MNISTDataError, match="cannot write MNIST into .*give a writable data folder") as err:
+    with pytest.raises(MNISTDataError, match="cannot write MNIST into .*choose a writable data folder") as err:
         ensure_mnist(root)
     assert "\n" not in str(err.value)
 

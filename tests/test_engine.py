@@ -3,15 +3,16 @@ import torch
 import torch.nn.functional as F
 
 from model import Net
-from s5 import engine
-from s5.data import get_MNISTdataset_with_loader
+import utils
+from s5 import config, engine
+from utils import get_MNISTdataset_with_loader
 from s5.device import amp_dtype_for, set_seed
 
 
 def test_get_correct_pred_count():
     pred = torch.tensor([[0.1, 0.9], [0.8, 0.2], [0.3, 0.7]])
-    assert engine.GetCorrectPredCount(pred, torch.tensor([1, 1, 1])) == 2
-    assert isinstance(engine.GetCorrectPredCount(pred, torch.tensor([0, 0, 0])), int)
+    assert utils.GetCorrectPredCount(pred, torch.tensor([1, 1, 1])) == 2
+    assert isinstance(utils.GetCorrectPredCount(pred, torch.tensor([0, 0, 0])), int)
 
 
 def test_get_optimizer_and_unknown_name():
@@ -41,21 +42,12 @@ def test_get_loss():
         engine.get_loss("mse")
 
 
-def test_recipes():
-    seed = engine.get_recipe("seed")
-    assert (seed.epochs, seed.batch_size, seed.lr, seed.momentum, seed.step_size, seed.gamma) == \
-        (20, 512, 0.01, 0.9, 15, 0.1)
-    assert engine.get_recipe("fast", epochs=7, lr=None).epochs == 7
-    with pytest.raises(ValueError, match="seed, fast"):
-        engine.get_recipe("slow")
-
-
 def test_onecycle_is_stepped_per_batch_by_fit():
     torch.manual_seed(0)
     model = Net()
     x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
     batches = [(x[i:i + 4], y[i:i + 4]) for i in range(0, 16, 4)]  # any iterable of batches will do
-    recipe = engine.get_recipe("fast", epochs=2)
+    recipe = config.get_recipe("fast", epochs=2)
     opt, sched, crit = engine.build_training(model, recipe, len(batches))
     hist = engine.fit(model, torch.device("cpu"), batches, batches, opt, sched, crit, 2, progress=False)
     assert sched.last_epoch == 8 and hist["epoch"] == [1, 2]
@@ -73,16 +65,16 @@ def test_train_and_test_append_true_means(capsys):
     x, y = torch.randn(10, 1, 28, 28), torch.randint(0, 10, (10,))
     batches = [(x[:8], y[:8]), (x[8:], y[8:])]  # unequal batch sizes
     losses, acc = [], []
-    engine.test(model, torch.device("cpu"), batches, F.nll_loss, losses, acc, progress=False)
+    utils.test(model, torch.device("cpu"), batches, F.nll_loss, losses, acc, progress=False)
     with torch.no_grad():
         out = model(x)
     assert losses == [pytest.approx(F.nll_loss(out, y).item(), rel=1e-5)]  # per-sample mean, not batch means
-    assert acc == [pytest.approx(100 * engine.GetCorrectPredCount(out, y) / 10)]
-    assert f"Accuracy: {engine.GetCorrectPredCount(out, y)}/10 " in capsys.readouterr().out
+    assert acc == [pytest.approx(100 * utils.GetCorrectPredCount(out, y) / 10)]
+    assert f"Accuracy: {utils.GetCorrectPredCount(out, y)}/10 " in capsys.readouterr().out
     train_losses, train_acc = [], []
     opt = engine.get_optimizer(model, "SGD", 0.01, 0.9)
     batch_stream = (b for b in batches)  # any iterable works, even one without len()
-    engine.train(model, torch.device("cpu"), batch_stream, opt, F.nll_loss, train_losses, train_acc, progress=False)
+    utils.train(model, torch.device("cpu"), batch_stream, opt, F.nll_loss, train_losses, train_acc, progress=False)
     assert len(train_losses) == 1 and train_losses[0] > 0 and 0 <= train_acc[0] <= 100
 
 
@@ -92,7 +84,7 @@ def test_diverging_loss_raises():
     batches = [(x, torch.randint(0, 10, (8,)))] * 5
     opt = engine.get_optimizer(model, "SGD", 1e6, 0.9)
     with pytest.raises(engine.TrainingDivergedError, match="lower the learning rate"):
-        engine.train(model, torch.device("cpu"), batches, opt, F.nll_loss, [], [], progress=False)
+        utils.train(model, torch.device("cpu"), batches, opt, F.nll_loss, [], [], progress=False)
 
 
 def test_one_real_epoch_reaches_95_percent(mnist_root):
@@ -119,15 +111,6 @@ def test_one_cycle_with_too_few_steps_is_refused():
     engine.get_scheduler(opt, name="OneCycleLR", max_lr=0.1, total_steps=5)
 
 
-@pytest.mark.parametrize("overrides, match", [
-    ({"epochs": 0}, "epochs=0"), ({"batch_size": -5}, "batch_size=-5"), ({"lr": float("nan")}, "lr=nan"),
-    ({"lr": -1}, "lr=-1"), ({"momentum": 2}, "momentum=2"), ({"epoch": 3}, "a recipe has"),
-])
-def test_get_recipe_refuses_impossible_values(overrides, match):
-    with pytest.raises(ValueError, match=match):
-        engine.get_recipe("fast", **overrides)
-
-
 def test_loops_take_devices_as_pytorch_does():
     """"cpu", "cuda:0" and torch.device all work where a device is taken, as in most notebooks."""
     torch.manual_seed(0)
@@ -137,8 +120,8 @@ def test_loops_take_devices_as_pytorch_does():
     opt = engine.get_optimizer(model, "SGD", 0.01, 0.9)
     for device in ("cpu", torch.device("cpu")):
         train_losses, train_acc, test_losses, test_acc = [], [], [], []
-        engine.train(model, device, batches, opt, F.nll_loss, train_losses, train_acc, progress=False)
-        engine.test(model, device, batches, F.nll_loss, test_losses, test_acc, progress=False)
+        utils.train(model, device, batches, opt, F.nll_loss, train_losses, train_acc, progress=False)
+        utils.test(model, device, batches, F.nll_loss, test_losses, test_acc, progress=False)
         assert len(train_losses) == len(test_acc) == 1
     hist = engine.fit(model, "cpu", batches, batches, opt, None, F.nll_loss, 1, progress=False)
     assert hist["epoch"] == [1] and len(hist["elapsed_seconds"]) == 1
@@ -146,16 +129,16 @@ def test_loops_take_devices_as_pytorch_does():
         with pytest.raises(ValueError, match=f"epochs={bad!r}: give a positive whole number"):
             engine.fit(model, "cpu", batches, batches, opt, None, F.nll_loss, bad, progress=False)
     with pytest.raises(ValueError, match="unknown device 'gpu0'"):
-        engine.train(model, "gpu0", batches, opt, F.nll_loss, [], [], progress=False)
+        utils.train(model, "gpu0", batches, opt, F.nll_loss, [], [], progress=False)
 
 
 def test_empty_loaders_are_one_line_errors():
     model = Net()
     opt = engine.get_optimizer(model, "SGD", 0.01, 0.9)
     with pytest.raises(ValueError, match="gave no batches"):
-        engine.train(model, "cpu", [], opt, F.nll_loss, [], [], progress=False)
+        utils.train(model, "cpu", [], opt, F.nll_loss, [], [], progress=False)
     with pytest.raises(ValueError, match="gave no batches"):
-        engine.test(model, "cpu", [], F.nll_loss, [], [], progress=False)
+        utils.test(model, "cpu", [], F.nll_loss, [], [], progress=False)
 
 
 def test_history_from_an_old_checkpoint_is_read_back():
@@ -176,7 +159,7 @@ def test_train_records_a_step_row_every_refresh():
     opt = engine.get_optimizer(model, "SGD", 0.01, 0.9)
     history = engine.new_history()
     for _ in range(2):
-        engine.train(model, "cpu", batches, opt, F.nll_loss, history["train_loss"], history["train_acc"],
+        utils.train(model, "cpu", batches, opt, F.nll_loss, history["train_loss"], history["train_acc"],
                      steps=history, progress=False)
     assert history["step_epoch"] == pytest.approx([0.4, 0.8, 1.0, 1.4, 1.8, 2.0])
     assert history["step_lr"] == [0.01] * 6

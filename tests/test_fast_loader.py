@@ -12,11 +12,11 @@ from s5.data import (
     FastMNISTLoader,
     augment_batch,
     get_mnist_dataset,
-    get_MNISTdataset_with_loader,
     get_test_transforms,
     get_train_transforms,
     sample_augmentation,
 )
+from utils import get_MNISTdataset_with_loader
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from s5.files import OutputError, RunDir, atomic_write
+from s5.files import MARKER, OutputError, RunDir, atomic_write
 
 
 def test_atomic_write_keeps_old_file_when_writing_fails(tmp_path):
@@ -43,8 +43,9 @@ def test_ctrl_c_mid_write_keeps_the_old_file_and_is_passed_on(tmp_path):
 def test_run_folder_is_claimed_by_one_process(tmp_path):
     out = tmp_path / "run"
     first = RunDir.claim(out)
-    with pytest.raises(OutputError, match="another process is running the run in"):
+    with pytest.raises(OutputError, match="another process is running the run in") as err:
         RunDir.claim(out)
+    assert err.value.kind == "busy"
     first.release()
     RunDir.claim(out).release()  # free again once the first run is over (or killed: the OS drops its lock)
 
@@ -52,24 +53,100 @@ def test_run_folder_is_claimed_by_one_process(tmp_path):
 def test_run_folder_refuses_others_files_and_files(tmp_path):
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "plot.png").write_bytes(b"x")
-    with pytest.raises(OutputError, match="is not empty .*plot.png.*new or empty folder"):
+    with pytest.raises(OutputError, match="is not empty .*plot.png"):
         RunDir.claim(tmp_path / "docs")
     (tmp_path / "f").write_text("x")
     with pytest.raises(OutputError, match="is a file, not a folder"):
         RunDir.claim(tmp_path / "f")
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "last.pt").write_bytes(b"x")
-    with pytest.raises(OutputError, match="already holds a run: resume it with --resume"):
+    with pytest.raises(OutputError, match="already holds a run") as err:
         RunDir.claim(tmp_path / "old")
-    resumed = RunDir.claim(tmp_path / "old", resume=True)
-    assert resumed.path == tmp_path / "old"
-    resumed.release()
+    assert err.value.kind == "holds_run"
+    assert sorted(os.listdir(tmp_path / "docs")) == ["plot.png"] and os.listdir(tmp_path / "old") == ["last.pt"]
 
 
-def test_claim_removes_a_killed_saves_temporary_files(tmp_path):
-    out = tmp_path / "run"
+def test_a_hidden_temporary_file_is_someone_elses_and_counts(tmp_path):
+    """A folder holding only another program's `.download.part.tmp` is not empty, and the file stays."""
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / ".download.part.tmp").write_bytes(b"someone's download")
+    with pytest.raises(OutputError, match="is not empty"):
+        RunDir.claim(tmp_path / "d")
+    assert (tmp_path / "d" / ".download.part.tmp").read_bytes() == b"someone's download"
+
+
+@pytest.mark.parametrize("marker", ["symlink", "dangling", "folder", "fifo"])
+def test_a_marker_that_is_not_a_plain_file_is_never_followed(tmp_path, marker):
+    """`ln -s ~/notes.txt DIR/.s5-run` used to make a run write `pid N` into notes.txt."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes")
+    out = tmp_path / "out"
     out.mkdir()
-    (out / "last.pt").write_bytes(b"checkpoint")
-    (out / ".last.pt.abc123.tmp").write_bytes(b"half")
-    RunDir.claim(out, resume=True).release()
-    assert sorted(p.name for p in out.iterdir()) == [".s5-run", "last.pt"]
+    {"symlink": lambda p: p.symlink_to(notes), "dangling": lambda p: p.symlink_to(tmp_path / "nowhere"),
+     "folder": lambda p: p.mkdir(), "fifo": lambda p: os.mkfifo(p)}[marker](out / MARKER)
+    for run_id in (None, "abc"):  # a new run, and a resume
+        with pytest.raises(OutputError, match="is not a run's marker file"):
+            RunDir.claim(out, run_id=run_id)
+    assert notes.read_text() == "my notes" and not (tmp_path / "nowhere").exists()
+
+
+def test_files_of_the_run_are_written_never_through_a_link(tmp_path):
+    """A symlinked last.pt or metrics.csv in the run's folder is replaced by the file, its target untouched."""
+    precious = tmp_path / "precious.txt"
+    precious.write_text("keep me")
+    run = RunDir.claim(tmp_path / "run")
+    for name in ("last.pt", "metrics.csv"):
+        (tmp_path / "run" / name).symlink_to(precious)
+        run.write(name, b"run data")
+        assert not (tmp_path / "run" / name).is_symlink() and (tmp_path / "run" / name).read_bytes() == b"run data"
+    run.release()
+    assert precious.read_text() == "keep me"
+
+
+def test_resume_claims_only_the_folder_its_marker_names(tmp_path):
+    run = RunDir.claim(tmp_path / "run")
+    run_id = run.run_id
+    run.write("last.pt", b"checkpoint")
+    run.release()
+    assert (tmp_path / "run" / MARKER).read_text().startswith(f"run {run_id}\n")
+    with pytest.raises(OutputError, match="not the folder of the run being resumed.*another run") as err:
+        RunDir.claim(tmp_path / "run", run_id="0123456789abcdef")
+    assert err.value.kind == "not_this_run"
+    (tmp_path / "copy").mkdir()
+    (tmp_path / "copy" / "last.pt").write_bytes(b"checkpoint")  # a copied last.pt: no marker there
+    with pytest.raises(OutputError, match="no run marker"):
+        RunDir.claim(tmp_path / "copy", run_id=run_id)
+    assert sorted(os.listdir(tmp_path / "copy")) == ["last.pt"]  # the refused claim left nothing behind
+    again = RunDir.claim(tmp_path / "run", run_id=run_id)
+    assert again.run_id == run_id
+    again.release()
+
+
+def test_claim_removes_only_its_own_runs_temporary_files(tmp_path):
+    run = RunDir.claim(tmp_path / "run")
+    run.write("last.pt", b"checkpoint")
+    run.release()
+    out = tmp_path / "run"
+    (out / f".last.pt.{run.run_id}.deadbeef.tmp").write_bytes(b"half")  # a killed save of this run
+    (out / ".notes.tmp").write_bytes(b"someone else's")
+    RunDir.claim(out, run_id=run.run_id).release()
+    assert sorted(p.name for p in out.iterdir()) == sorted([MARKER, ".notes.tmp", "last.pt"])
+
+
+def test_a_run_killed_before_saving_leaves_a_reusable_folder(tmp_path):
+    out = tmp_path / "run"
+    run = RunDir.claim(out)
+    (out / f".last.pt.{run.run_id}.0.tmp").write_bytes(b"half")  # killed mid-save: marker and temporary remain
+    os.close(run._lock)  # what kill -9 does to the lock
+    again = RunDir.claim(out)
+    assert again.run_id != run.run_id and sorted(os.listdir(out)) == [MARKER]
+    again.release()
+    assert os.listdir(out) == []  # a new run that wrote nothing leaves no marker
+
+
+def test_a_new_claim_of_a_folder_with_a_marker_and_a_run_is_refused(tmp_path):
+    run = RunDir.claim(tmp_path / "run")
+    run.write("last.pt", b"checkpoint")
+    run.release()
+    with pytest.raises(OutputError, match="already holds a run"):
+        RunDir.claim(tmp_path / "run")

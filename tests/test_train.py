@@ -14,7 +14,7 @@ from conftest import REPO
 
 from s5 import plots
 from s5.checkpoints import load_checkpoint
-from s5.data import raw_dir
+from s5.mnist import raw_dir
 from s5.files import RunDir
 
 
@@ -49,7 +49,8 @@ def test_run_writes_every_output(tmp_path, mnist_root):
     assert [float(r["step_epoch"]) for r in steps] == pytest.approx([10 / 32, 20 / 32, 30 / 32, 1.0,
                                                                       1 + 10 / 32, 1 + 20 / 32, 1 + 30 / 32, 2.0])
     state = load_checkpoint(out / "last.pt")
-    assert state["epoch"] == 2 and state["args"]["train_subset"] == 2048
+    assert state["epoch"] == 2 and state["config"]["train_subset"] == 2048
+    assert state["config"]["recipe"]["batch_size"] == 64 and state["config"]["recipe"]["epochs"] == 2
     # the same folder is not silently overwritten
     again = run_train(*SMALL, "--epochs", "1", "--data-dir", mnist_root, "--out", out)
     assert again.returncode == 2 and "--resume" in again.stderr
@@ -125,7 +126,7 @@ def test_accuracy_plot_redrawn_at_most_every_plot_every_s(tmp_path, mnist_root, 
     drawn = []
     real = plots.post_accuracyplots
     monkeypatch.setattr(plots, "post_accuracyplots", lambda *a, **k: drawn.append(len(a[0])) or real(*a, **k))
-    monkeypatch.setattr(train, "PLOT_EVERY_S", every_s)
+    monkeypatch.setattr("s5.run.PLOT_EVERY_S", every_s)
     train.main(["--no-progress", "--recipe", "fast", "--lr", "0.05", "--train-subset", "512", "--batch-size", "64",
                 "--epochs", "3", "--data-dir", str(mnist_root), "--out", str(tmp_path / "run")])
     assert drawn == drawn_after  # the number of epochs each redraw showed
@@ -243,15 +244,16 @@ def test_best_checkpoint_is_never_behind_the_last_one(tmp_path, mnist_root, monk
     import train
 
     saves = []
-    real = train.checkpoints.save_checkpoint
+    real = RunDir.write
 
-    def dies_at_the_second_save(path, *args, **kwargs):
-        saves.append(path.name)
-        if len(saves) == 2:  # epoch 1 improves, so it saves twice: die between the two
-            raise KeyboardInterrupt
-        real(path, *args, **kwargs)
+    def dies_at_the_second_save(self, name, data):
+        if name.endswith(".pt"):
+            saves.append(name)
+            if len(saves) == 2:  # epoch 1 improves, so it saves twice: die between the two
+                raise KeyboardInterrupt
+        real(self, name, data)
 
-    monkeypatch.setattr(train.checkpoints, "save_checkpoint", dies_at_the_second_save)
+    monkeypatch.setattr(RunDir, "write", dies_at_the_second_save)
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as stop:
         train.main([*TINY, "--no-progress", "--epochs", "2", "--data-dir", str(mnist_root), "--out", str(out)])
@@ -287,13 +289,15 @@ def test_resume_refuses_flags_that_define_the_run(finished_run, tmp_path, capsys
     run = copy_of(finished_run, tmp_path)
     before = snapshot(run)
     done = main_in_process(capsys, "--resume", run / "last.pt", *flags)
-    assert_one_line_error(done, 2, f"{name} cannot change when resuming")
+    assert_one_line_error(done, 2, f"argument {name}: cannot change when resuming")
     assert snapshot(run) == before
 
 
 def test_resume_extends_a_finished_run_and_cleans_stale_temporaries(finished_run, tmp_path, mnist_root):
     run = copy_of(finished_run, tmp_path)
-    (run / ".last.pt.killed.tmp").write_bytes(b"half a checkpoint from a killed save")
+    run_id = (run / ".s5-run").read_text().split()[1]
+    (run / f".last.pt.{run_id}.killed.tmp").write_bytes(b"half a checkpoint from a killed save")
+    (run / ".someone-elses.tmp").write_bytes(b"not the run's")
     moved = tmp_path / "moved-data"
     raw_dir(moved).mkdir(parents=True)
     for f in raw_dir(mnist_root).iterdir():
@@ -303,8 +307,8 @@ def test_resume_extends_a_finished_run_and_cleans_stale_temporaries(finished_run
     assert f"resuming {run / 'last.pt'} at epoch 2" in done.stdout
     assert [r["epoch"] for r in read_metrics(run / "metrics.csv")] == ["1", "2"]
     state = load_checkpoint(run / "last.pt")
-    assert state["epoch"] == 2 and state["args"]["data_dir"] == str(moved)
-    assert not list(run.glob("*.tmp"))
+    assert state["epoch"] == 2 and state["config"]["data_dir"] == str(moved) and state["run_id"] == run_id
+    assert [p.name for p in run.glob(".*.tmp")] == [".someone-elses.tmp"]  # only the run's own leftovers went
 
 
 def test_resume_of_a_finished_run_writes_its_final_outputs(finished_run, tmp_path):
@@ -323,15 +327,13 @@ def test_resume_cannot_stretch_a_one_cycle_schedule(tmp_path, mnist_root, capsys
     assert run_train(*SMALL, "--train-subset", "512", "--epochs", "1", "--data-dir", mnist_root, "--out",
                      out).returncode == 0
     done = main_in_process(capsys, "--resume", out / "last.pt", "--epochs", "3")
-    assert_one_line_error(done, 2, "--epochs cannot change for a 'fast' run")
-    assert_one_line_error(main_in_process(capsys, "--resume", out / "last.pt", "--out", tmp_path / "elsewhere"), 2,
-                          "--out cannot change when resuming")
+    assert_one_line_error(done, 2, "argument --epochs: cannot change for a one-cycle run")
 
 
 def test_resume_on_another_machine_asks_for_what_moved(finished_run, tmp_path, mnist_root, capsys):
     run = copy_of(finished_run, tmp_path)
     state = load_checkpoint(run / "last.pt")
-    state["args"].update(device="cuda", data_dir=str(tmp_path / "gone"))  # saved on a GPU machine, data elsewhere
+    state["config"].update(device="cuda", data_dir=str(tmp_path / "gone"))  # saved on a GPU machine, data elsewhere
     torch.save(state, run / "last.pt")
     if not torch.cuda.is_available():
         assert_one_line_error(main_in_process(capsys, "--resume", run / "last.pt", "--data-dir", mnist_root), 2,
@@ -397,7 +399,7 @@ def test_interrupt_while_drawing_the_final_plots(tmp_path, mnist_root, monkeypat
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train.plots, "plot_misclassified", interrupted)
+    monkeypatch.setattr("s5.plots.plot_misclassified", interrupted)
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as stop:
         train.main([*TINY, "--no-progress", "--epochs", "1", "--data-dir", str(mnist_root), "--out", str(out)])
@@ -411,3 +413,61 @@ def test_default_run_folders_are_never_shared(tmp_path):
     assert first.path != second.path and second.path.name == "seed-20261125-120000-2"
     first.release()
     second.release()
+
+
+# --- the run's folder: a resume goes through the same claim as a new run -----------------------------------------
+
+def test_resume_of_best_pt_is_refused_and_names_last_pt(finished_run, tmp_path, capsys):
+    """Resuming best.pt in place continued from the best epoch and overwrote last.pt and metrics.csv."""
+    run = copy_of(finished_run, tmp_path)
+    before = snapshot(run)
+    done = main_in_process(capsys, "--resume", run / "best.pt")
+    assert_one_line_error(done, 2, "is not the latest checkpoint of its run", f"resume {run / 'last.pt'} instead")
+    shutil.copy(run / "last.pt", run / "last-copy.pt")
+    assert_one_line_error(main_in_process(capsys, "--resume", run / "last-copy.pt"), 2, "not the latest checkpoint")
+    (run / "last-copy.pt").unlink()
+    assert snapshot(run) == before
+
+
+def test_a_last_pt_copied_into_another_folder_never_writes_there(finished_run, tmp_path, capsys):
+    """A last.pt copied into docs/ and resumed rewrote docs/'s plots and left a marker behind."""
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "accuracy_plots.png").write_bytes(b"the README's picture")
+    shutil.copy(finished_run / "last.pt", docs / "last.pt")
+    before = snapshot(docs)
+    done = main_in_process(capsys, "--resume", docs / "last.pt", "--epochs", "2")
+    assert_one_line_error(done, 2, "is not the folder of the run being resumed", "with --out DIR")
+    assert snapshot(docs) == before and sorted(os.listdir(docs)) == ["accuracy_plots.png", "last.pt"]
+
+
+def test_resume_into_a_folder_whose_marker_names_another_run(finished_run, tmp_path, capsys, mnist_root):
+    run = copy_of(finished_run, tmp_path)
+    (run / ".s5-run").write_text("run 00000000deadbeef\n")
+    before = snapshot(run)
+    assert_one_line_error(main_in_process(capsys, "--resume", run / "last.pt"), 2, "its marker names another run")
+    assert snapshot(run) == before
+
+
+def test_resume_can_continue_in_a_new_folder(finished_run, tmp_path):
+    """--resume CKPT --out NEW: the run goes on in NEW (new or empty); its own folder is left as it was."""
+    run = copy_of(finished_run, tmp_path)
+    before = snapshot(run)
+    done = run_train("--resume", run / "best.pt", "--epochs", "2", "--out", tmp_path / "branch")
+    assert done.returncode == 0, done.stderr
+    assert [r["epoch"] for r in read_metrics(tmp_path / "branch" / "metrics.csv")] == ["1", "2"]
+    assert snapshot(run) == before
+    state = load_checkpoint(tmp_path / "branch" / "last.pt")
+    assert state["config"]["out"] == str(tmp_path / "branch") and state["run_id"] != load_checkpoint(
+        run / "last.pt")["run_id"]
+
+
+def test_symlinked_marker_in_an_empty_out_is_never_written_through(tmp_path, capsys):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".s5-run").symlink_to(notes)
+    done = main_in_process(capsys, "--data-dir", tmp_path / "data", "--out", out)
+    assert_one_line_error(done, 2, "is not a run's marker file", "give --out a new or empty folder")
+    assert notes.read_text() == "my notes"

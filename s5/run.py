@@ -1,0 +1,210 @@
+"""One training run, from claiming its folder to its final outputs, built from one `RunConfig`.
+
+`run(config, device)` claims the run's folder (s5.files.RunDir), builds the data, model, optimizer and scheduler
+from the configuration, trains with `engine.fit`, and writes, each atomically and never through a link:
+last.pt every epoch and best.pt when the test accuracy is the best yet (best.pt first, so it is never behind
+last.pt), metrics.csv and steps.csv, accuracy_plots.png and training_curves.png (at most every PLOT_EVERY_S),
+and at the end model.pt, confusion_matrix.png and misclassified.png. Every checkpoint carries the whole
+configuration and the run's id. A resume goes through the same claim: in place only into the folder of the
+run that wrote the checkpoint, and only from its latest checkpoint; elsewhere into a new or empty folder.
+
+Under torchrun every process calls `run` with its `ctx`; rank 0 alone claims, prints and writes.
+"""
+
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from model import Net
+from s5 import checkpoints, distributed, engine, evaluation, plots
+from s5.config import RUNS_DIR, ConfigError
+from s5.data import make_loader
+from s5.device import amp_dtype_for, keep_freed_memory, set_seed
+from s5.files import OutputError, RunDir, timestamp
+from s5.mnist import ensure_mnist, load_split
+
+PLOT_EVERY_S = 30.0  # redraw accuracy_plots.png at most this often: a redraw can take most of a GPU epoch
+TEST_BATCH = 256  # evaluation batch (rounded up to a multiple of the number of processes)
+
+
+class RunStoppedError(Exception):
+    """A run ended before its last epoch: `cause` says why (divergence, a failed write, an interrupt).
+
+    `folder` is the run's folder and `last` its latest checkpoint (None when no epoch was saved).
+    """
+
+    def __init__(self, cause, folder, last):
+        super().__init__(str(cause))
+        self.cause, self.folder, self.last = cause, folder, last
+
+
+def check(config, ctx):
+    """ConfigError for what this configuration cannot do with `ctx`'s processes (before any work)."""
+    if config.loader == "classic" and config.recipe.batch_size % ctx.world_size:
+        raise ConfigError("batch_size", f"{config.recipe.batch_size} does not split evenly over {ctx.world_size} "
+                                        f"processes: give a multiple of {ctx.world_size} for the classic loader")
+
+
+def claim_folder(config, resume=None, resume_path=None):
+    """The run's folder, claimed: the resumed run's own, the configuration's `out`, or a new runs/<recipe>-<time>.
+
+    Resuming in place needs the folder's marker to name the checkpoint's run, and the checkpoint to be the
+    folder's last.pt: an older one (best.pt, a copy) would rewind the run and lose the epochs after it.
+    """
+    if resume is not None:
+        folder = Path(resume_path).parent
+        if config.out is None or Path(config.out).resolve() == folder.resolve():
+            last = folder / "last.pt"
+            if Path(resume_path).name != "last.pt" or not last.is_file():
+                raise OutputError(f"{resume_path} is not the latest checkpoint of its run ({last} is): resuming it "
+                                  "in place would rewind the run", "not_latest", last)
+            return RunDir.claim(folder, run_id=resume.run_id)
+    if config.out is not None:
+        return RunDir.claim(config.out)
+    return RunDir.claim_new(RUNS_DIR, f"{config.name}-{timestamp()}")
+
+
+def make_loaders(config, device, ctx):
+    """The training and test loaders of the configuration, on `device`, sharded for `ctx`'s processes."""
+    shard = (ctx.rank, ctx.world_size)
+    images, labels = load_split(True, config.data_dir)
+    if config.train_subset is not None:
+        images, labels = images[:config.train_subset], labels[:config.train_subset]
+    common = {"loader": config.loader, "device": device, "workers": config.workers, "pin_memory": True,
+              "shard": shard}
+    train_loader = make_loader(images, labels, batch_size=config.recipe.batch_size, train=True, seed=config.seed,
+                               **common)
+    test_batch = -(-TEST_BATCH // ctx.world_size) * ctx.world_size
+    test_loader = make_loader(*load_split(False, config.data_dir), batch_size=test_batch, train=False, **common)
+    return train_loader, test_loader
+
+
+def run(config, device, *, ctx=engine.SINGLE, resume=None, resume_path=None, started=None):
+    """Train the run `config` describes on `device` (a torch.device); returns (history, folder).
+
+    `resume` is a `checkpoints.Resumable` read from `resume_path` (its configuration already merged into
+    `config`). Raises OutputError when the folder cannot be claimed (nothing written), ConfigError,
+    MNISTDataError or ValueError before training, and RunStoppedError when training ends early.
+    """
+    started = time.perf_counter() if started is None else started
+    check(config, ctx)
+    claimed, failure = None, None
+    if ctx.is_main:
+        try:
+            claimed = claim_folder(config, resume, resume_path)
+        except OutputError as e:
+            failure = e
+    shared = distributed.broadcast(ctx, (str(claimed.path) if claimed else None, str(failure or ""),
+                                         getattr(failure, "kind", None)))
+    if failure is not None:
+        raise failure
+    if shared[0] is None:  # another rank's claim failed: every rank stops alike, rank 0 says why
+        raise OutputError(shared[1], shared[2])
+    folder = Path(shared[0])
+    config = replace(config, out=str(folder))
+    try:
+        return _train(config, device, ctx, resume, resume_path, claimed, folder, started), folder
+    except (engine.TrainingDivergedError, OutputError, KeyboardInterrupt) as e:
+        last = folder / "last.pt" if (claimed.exists("last.pt") if claimed else (folder / "last.pt").exists()) \
+            else None
+        raise RunStoppedError(e, folder, last) from e
+    finally:
+        if claimed is not None:
+            claimed.release()
+
+
+def _train(config, device, ctx, resume, resume_path, run_dir, folder, started):
+    say = print if ctx.is_main else (lambda *a, **k: None)
+    set_seed(config.seed, config.deterministic)
+    torch.backends.cudnn.benchmark = not config.deterministic  # time convolution algorithms once, keep the fastest
+    if device.type == "cpu":
+        keep_freed_memory()  # reuse each step's activation buffers instead of page-faulting fresh ones
+    amp_dtype = amp_dtype_for(device, config.amp)
+    say(f"device {device}, precision {amp_dtype or torch.float32}, loader {config.loader}, recipe {config.recipe}"
+        + (f", {ctx.world_size} processes (the batch size is global)" if ctx.active else ""))
+
+    model = Net().to(device)
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if ctx.local_rank == 0:
+        ensure_mnist(config.data_dir)  # one fetch a machine, before its other processes read
+    distributed.barrier(ctx)
+    train_loader, test_loader = make_loaders(config, device, ctx)
+    optimizer, scheduler, criterion = engine.build_training(model, config.recipe, len(train_loader),
+                                                            verbose=ctx.is_main)
+    history, start_epoch = engine.new_history(), 1
+    if resume is not None:
+        model.load_state_dict(resume.state["model"])
+        optimizer.load_state_dict(resume.state["optimizer"])
+        scheduler.load_state_dict(resume.state["scheduler"])
+        checkpoints.set_rng_state(resume.state["rng"])
+        history, start_epoch = resume.history, resume.epoch + 1
+        say(f"resuming {resume_path} at epoch {start_epoch}" if start_epoch <= config.epochs else
+            f"{resume_path} has all {config.epochs} epochs done: writing the final outputs")
+    plotted_at = -PLOT_EVERY_S
+
+    def on_epoch_end(epoch, hist):
+        nonlocal plotted_at
+        if run_dir is None:
+            return
+        save = lambda name: run_dir.write(name, checkpoints.checkpoint_bytes(  # noqa: E731
+            model, optimizer, scheduler, epoch, hist, config, run_dir.run_id))
+        if hist["test_acc"][-1] > max(hist["test_acc"][:-1], default=-1.0):
+            save("best.pt")  # before last.pt: a kill between the two never leaves best.pt behind last.pt
+        save("last.pt")
+        run_dir.write("metrics.csv", csv_bytes(hist, engine.EPOCH_RECORD))
+        run_dir.write("steps.csv", csv_bytes(hist, engine.STEP_RECORD))
+        now = time.perf_counter()
+        if epoch == config.epochs or now - plotted_at >= PLOT_EVERY_S:
+            plotted_at = now
+            draw_curves(run_dir, hist)
+
+    # Data-parallel: gradients averaged across processes; checkpoints save the plain `model` (no "module.").
+    trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if ctx.active else model
+    engine.fit(trained, device, train_loader, test_loader, optimizer, scheduler, criterion, config.epochs, ctx=ctx,
+               history=history, start_epoch=start_epoch, amp_dtype=amp_dtype, on_epoch_end=on_epoch_end,
+               progress=config.progress, started=started)
+    if ctx.active:
+        if not distributed.same_on_every_rank(ctx, list(model.parameters())):
+            raise RuntimeError("the processes ended with different weights: a bug, please report it")
+        say(f"weights identical in all {ctx.world_size} processes")
+        if run_dir is None:
+            return history
+        test_loader = make_loaders(config, device, engine.SINGLE)[1]  # the gallery needs every test image
+    if start_epoch > config.epochs:  # a finished run resumed: its curves are drawn again with the rest
+        draw_curves(run_dir, history)
+    run_dir.write("model.pt", checkpoints.weights_bytes(model))
+    predictions = evaluation.predict_loader(model, test_loader, device, amp_dtype, keep_images=True)  # 1 pass, 2 plots
+    confusion = evaluation.confusion_matrix(predictions)
+    _write_figure(run_dir, "confusion_matrix.png", plots.plot_confusion_matrix(confusion))
+    _write_figure(run_dir, "misclassified.png", plots.plot_misclassified(evaluation.misclassified(predictions, 24)))
+    return history
+
+
+def csv_bytes(history, record):
+    """metrics.csv (record EPOCH_RECORD) or steps.csv (STEP_RECORD) from the whole history: one row an epoch or
+    a step, even after a resume."""
+    rows = [",".join(record)]
+    for i in range(len(history[next(iter(record))])):
+        rows.append(",".join(format(history[k][i], fmt) for k, fmt in record.items()))
+    return ("\n".join(rows) + "\n").encode()
+
+
+def _write_figure(run_dir, name, fig):
+    try:
+        run_dir.write(name, plots.png_bytes(fig))
+    finally:
+        plt.close(fig)
+
+
+def draw_curves(run_dir, history):
+    """accuracy_plots.png (the original 2x2 per-epoch figure) and training_curves.png (every few batches)."""
+    _write_figure(run_dir, "accuracy_plots.png", plots.post_accuracyplots(
+        history["train_loss"], history["test_loss"], history["train_acc"], history["test_acc"]))
+    _write_figure(run_dir, "training_curves.png", plots.plot_training(history, history["test_loss"],
+                                                                     history["test_acc"]))

@@ -1,0 +1,62 @@
+"""A run's configuration: resolved from a recipe once, checked field by field, read back strictly, resumed by rule."""
+import pytest
+
+from s5.config import RECIPES, ConfigError, RunConfig, get_recipe
+
+
+def test_recipes():
+    seed = get_recipe("seed")
+    assert (seed.epochs, seed.batch_size, seed.lr, seed.momentum, seed.step_size, seed.gamma) == \
+        (20, 512, 0.01, 0.9, 15, 0.1)
+    assert get_recipe("fast", epochs=7, lr=None).epochs == 7
+    with pytest.raises(ValueError, match="seed, fast"):
+        get_recipe("slow")
+
+
+@pytest.mark.parametrize("overrides, field", [
+    ({"epochs": 0}, "epochs"), ({"batch_size": -5}, "batch_size"), ({"lr": float("nan")}, "lr"),
+    ({"lr": -1}, "lr"), ({"momentum": 2}, "momentum"), ({"epoch": 3}, "epoch"), ({"pct_start": 0}, "pct_start"),
+    ({"pct_start": 1.5}, "pct_start"), ({"step_size": 0}, "step_size"), ({"epochs": True}, "epochs"),
+])
+def test_get_recipe_refuses_impossible_values(overrides, field):
+    with pytest.raises(ConfigError) as err:
+        get_recipe("fast", **overrides)
+    assert err.value.field == field and str(err.value).startswith(f"{field}: ")
+
+
+def test_build_resolves_every_recipe_value():
+    config = RunConfig.build("fast", batch_size=256)
+    assert (config.recipe.epochs, config.recipe.batch_size, config.recipe.lr) == (2, 256, RECIPES["fast"].lr)
+    assert RunConfig.from_dict(config.to_dict()) == config
+
+
+@pytest.mark.parametrize("run, field", [
+    ({"seed": -1}, "seed"), ({"seed": 2**32}, "seed"), ({"train_subset": 0}, "train_subset"),
+    ({"train_subset": 60_001}, "train_subset"), ({"loader": "turbo"}, "loader"), ({"workers": -1}, "workers"),
+    ({"amp": "yes"}, "amp"), ({"data_dir": ""}, "data_dir"), ({"progress": 1}, "progress"), ({"colour": 1}, "colour"),
+])
+def test_run_values_are_checked_once_when_built(run, field):
+    with pytest.raises(ConfigError) as err:
+        RunConfig.build("seed", **run)
+    assert err.value.field == field
+
+
+def test_batch_larger_than_the_training_set_is_refused():
+    with pytest.raises(ConfigError, match="more than the 60,000 training images"):
+        RunConfig.build("seed", batch_size=60_001)
+
+
+def test_resume_changes_only_what_may_change():
+    config = RunConfig.build("seed", out="runs/a")
+    resumed, changed = config.resumed({"epochs": 25, "device": "cpu", "workers": 0, "seed": 1}, epochs_done=3)
+    assert resumed.epochs == 25 and resumed.workers == 0 and changed == {"epochs": (20, 25), "device": ("auto", "cpu"),
+                                                                         "workers": (2, 0)}
+    assert resumed.out is None  # continues in its own folder, wherever that is now
+    for change in ({"seed": 2}, {"lr": 0.5}, {"batch_size": 64}, {"recipe": "fast"}, {"loader": "classic"},
+                   {"train_subset": 100}):
+        with pytest.raises(ConfigError, match="cannot change when resuming"):
+            config.resumed(change, epochs_done=3)
+    with pytest.raises(ConfigError, match="fewer than the 3 epochs"):
+        config.resumed({"epochs": 2}, epochs_done=3)
+    with pytest.raises(ConfigError, match="one-cycle"):
+        RunConfig.build("fast").resumed({"epochs": 5}, epochs_done=1)
