@@ -15,14 +15,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from model import Net  # noqa: E402
 import utils  # noqa: E402
+from model import Net  # noqa: E402
 from s5 import engine  # noqa: E402
 from s5.checkpoints import save_checkpoint  # noqa: E402
 from s5.data import MEAN, STD, get_mnist_dataset  # noqa: E402
+from s5.device import set_seed  # noqa: E402
 from s5.mnist import DATA_DIR, MNIST_MD5, ensure_mnist, raw_dir  # noqa: E402
 from utils import get_MNISTdataset_with_loader  # noqa: E402
-from s5.device import set_seed  # noqa: E402
 
 
 def write_idx(path, array):

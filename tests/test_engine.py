@@ -2,11 +2,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import Net
 import utils
+from model import Net
 from s5 import config, engine
-from utils import get_MNISTdataset_with_loader
 from s5.device import amp_dtype_for, set_seed
+from utils import get_MNISTdataset_with_loader
 
 
 def test_get_correct_pred_count():

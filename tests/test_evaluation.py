@@ -2,10 +2,10 @@ import pytest
 import torch
 
 from model import Net
-from utils import get_MNISTdataset_with_loader
 from s5.device import set_seed
 from s5.evaluation import confusion_matrix, misclassified, predict_loader
 from s5.plots import plot_confusion_matrix, plot_misclassified
+from utils import get_MNISTdataset_with_loader
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,8 @@ from conftest import REPO
 
 from s5 import plots
 from s5.checkpoints import load_checkpoint
-from s5.mnist import raw_dir
 from s5.files import RunDir
+from s5.mnist import raw_dir
 
 
 def run_train(*args, **kw):
