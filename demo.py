@@ -5,13 +5,19 @@
     python demo.py CHECKPOINT --share       # a temporary public link, through Gradio's servers
 
 Needs the demo's packages: `make demo` installs them (requirements-demo.txt) and starts this.
-Exit status: 2 when the checkpoint, a flag or Gradio is missing or unusable.
+Exit status: 2 when the checkpoint, a flag or Gradio is missing or unusable; 130 stopped (Ctrl-C, SIGTERM, SIGHUP).
 """
 
+import signal
 import sys
+import threading
 
 from model import Net
 from s5 import checkpoints, cli, demo
+
+
+def interrupt(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM (kill, a service manager) and SIGHUP (a closed terminal) stop it as Ctrl-C does
 
 
 def main(argv=None):
@@ -22,6 +28,19 @@ def main(argv=None):
     p.add_argument("--share", action="store_true", help="also make a temporary public gradio.live link")
     args = p.parse_args(argv)
 
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, interrupt)
+    try:
+        return serve(args)
+    except KeyboardInterrupt:
+        cli.fail("interrupted: the demo has stopped", cli.EXIT_INTERRUPTED)
+
+
+def serve(args):
+    try:
+        demo.check_host(args.host)
+    except demo.HostError as e:
+        cli.fail(f"--host: {e}")
     path = args.checkpoint or demo.newest_checkpoint()
     if path is None:
         cli.fail("no checkpoint given and none in runs/*/best.pt: train one first (make train ARGS=\"--recipe fast\")")
@@ -34,13 +53,18 @@ def main(argv=None):
         app = demo.build_app(model)
     except ImportError:
         cli.fail("Gradio is not installed: run `make demo` (or pip install -r requirements-demo.txt)")
-    print(f"serving {path} on http://{args.host}:{args.port}", flush=True)
     try:
-        app.launch(server_name=args.host, server_port=args.port, share=args.share, inbrowser=False, quiet=True)
+        _, _, share_url = app.launch(server_name=args.host, server_port=args.port, share=args.share,
+                                     inbrowser=False, quiet=True, prevent_thread_lock=True,
+                                     max_file_size=demo.MAX_UPLOAD_BYTES)
     except OSError as e:
-        cli.fail(f"cannot serve on {args.host}:{args.port} ({e}): pick another --port")
-    except KeyboardInterrupt:
-        return cli.EXIT_INTERRUPTED
+        cli.fail(f"cannot serve on port {args.port} of {args.host} ({e}): pick another --port")
+    try:
+        print(f"serving {path} on http://{args.host}:{args.port}" + (f" and {share_url}" if share_url else ""),
+              flush=True)  # only now: it is up
+        threading.Event().wait()  # until a signal; Python runs its handler in this thread
+    finally:
+        app.close(verbose=False)
     return cli.EXIT_OK
 
 

@@ -9,6 +9,7 @@ anything is written.
 
 import io
 import random
+import zipfile
 from pathlib import Path
 from typing import NamedTuple
 
@@ -116,6 +117,7 @@ def load_checkpoint(path, model=None, map_location="cpu"):
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}: give the path of a .pt file written by train.py")
+    check_archive(path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises several types for the same kinds of damage
@@ -209,3 +211,35 @@ def _rng_state_ok(state):
             isinstance(state["cuda"], (list, tuple))
     except (KeyError, TypeError, ValueError, AttributeError):
         return False
+
+
+# A train.py last.pt of Net is about 5 MB: 593,200 fp32 weights, as many SGD momentum values, the history (a row
+# every 10 batches: 0.2 MB for 100 epochs at batch size 128) and the RNG states. torch.load inflates every archive
+# entry to the size the archive declares before anything can be checked, so a small crafted file could ask for
+# gigabytes. The caps are over ten times a real checkpoint.
+MAX_ARCHIVE_BYTES = 64 * 2**20
+MAX_ARCHIVE_ENTRIES = 1000
+
+
+def check_archive(path):
+    """CheckpointError unless `path` is a zip archive (torch.save's format) whose entries, uncompressed, could
+    be a checkpoint of Net; read from the archive's directory, before anything is inflated."""
+    if Path(path).stat().st_size > MAX_ARCHIVE_BYTES:  # also bounds the directory zipfile parses below
+        raise CheckpointError(f"refusing to load {path}: at {Path(path).stat().st_size:,} bytes it is larger than a "
+                              f"checkpoint of this repo's Net can be ({MAX_ARCHIVE_BYTES:,} bytes at most); only "
+                              "use checkpoints written by train.py")
+    if not zipfile.is_zipfile(path):
+        return  # torch's pre-1.6 format, a bare pickle or junk: torch.load refuses what is unsafe or damaged
+    try:
+        with zipfile.ZipFile(path) as archive:
+            entries = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint (truncated, corrupted or another kind of file): "
+            "use an intact last.pt/best.pt, or train again") from None
+    declared = sum(entry.file_size for entry in entries)
+    if len(entries) > MAX_ARCHIVE_ENTRIES or declared > MAX_ARCHIVE_BYTES:
+        raise CheckpointError(
+            f"refusing to load {path}: it declares {len(entries):,} entries and {declared:,} bytes uncompressed, "
+            f"more than a checkpoint of this repo's Net holds (at most {MAX_ARCHIVE_ENTRIES:,} entries, "
+            f"{MAX_ARCHIVE_BYTES:,} bytes); only use checkpoints written by train.py")

@@ -94,24 +94,31 @@ def preprocess_digit(image):
     return (torch.from_numpy(canvas).unsqueeze(0) - MEAN) / STD
 
 
-def open_image(path):
+def checked_image(image):
+    """A PIL image checked before decoding (pixel count, animation) and decoded, turned upright (EXIF)."""
+    if image.width * image.height > MAX_IMAGE_PIXELS:
+        raise ImageInputError(f"{image.width}x{image.height} pixels is over the "
+                              f"{MAX_IMAGE_PIXELS:,}-pixel limit: scale it down first")
+    frames = getattr(image, "n_frames", 1)
+    if frames > 1:
+        raise ImageInputError(f"an animated image ({frames} frames): save the frame you mean as a still image")
+    image.load()
+    return as_upright(image)  # a decoded copy, usable after the file is closed
+
+
+def open_image(path, max_bytes=None):
     """Open and decode an image file, checked: ImageInputError says what is wrong with it."""
     path = Path(path)
     try:
         if path.is_dir():
             raise ImageInputError("it is a folder")
-        if path.stat().st_size == 0:
+        size = path.stat().st_size
+        if size == 0:
             raise ImageInputError("the file is empty")
+        if max_bytes is not None and size > max_bytes:
+            raise ImageInputError(f"{size:,} bytes is over the {max_bytes:,}-byte limit: send a smaller file")
         with Image.open(path) as image:
-            if image.width * image.height > MAX_IMAGE_PIXELS:
-                raise ImageInputError(f"{image.width}x{image.height} pixels is over the "
-                                      f"{MAX_IMAGE_PIXELS:,}-pixel limit: scale it down first")
-            frames = getattr(image, "n_frames", 1)
-            if frames > 1:
-                raise ImageInputError(f"an animated image ({frames} frames): save the frame you mean as a "
-                                      "still image")
-            image.load()
-            return as_upright(image)  # a decoded copy, usable after the file is closed
+            return checked_image(image)
     except ImageInputError:
         raise
     except Image.UnidentifiedImageError:
@@ -122,10 +129,49 @@ def open_image(path):
         raise ImageInputError(f"cannot read it ({type(e).__name__}: {str(e).strip()[:120]})") from None
 
 
-def load_digit(path):
-    """Open an image file as a preprocessed digit tensor; ImageInputError says what is wrong."""
-    image = open_image(path)
+def image_from_array(array):
+    """A numpy array or torch tensor of one image as a PIL image: (H, W), (H, W, C) or, as torch lays images out,
+    (C, H, W) and (1, C, H, W), with C 1, 3 or 4. One channel is scaled as a deep image file is: 0-1, 0-255 or
+    0-65535 by its range, anything else (a normalised MNIST tensor) from its own minimum to maximum."""
+    if isinstance(array, torch.Tensor):
+        array = array.detach().cpu().numpy()
+    array = np.asarray(array)
+    shape = array.shape
+    if array.ndim == 4 and shape[0] == 1:
+        array = array[0]
+    if array.ndim == 3 and array.shape[-1] not in (1, 3, 4) and array.shape[0] in (1, 3, 4):
+        array = np.moveaxis(array, 0, -1)  # channels first, as torch has them
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if not (array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in (3, 4))) or 0 in array.shape:
+        raise ImageInputError(f"an array of shape {tuple(shape)} is not one image: give (H, W), (H, W, C) or "
+                              "(C, H, W) with C 1, 3 or 4; for a batch, a list of its images")
+    if array.shape[0] * array.shape[1] > MAX_IMAGE_PIXELS:
+        raise ImageInputError(f"{array.shape[1]}x{array.shape[0]} pixels is over the "
+                              f"{MAX_IMAGE_PIXELS:,}-pixel limit: scale it down first")
+    if array.dtype == np.bool_:
+        array = array.astype(np.uint8) * 255
+    if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
+        raise ImageInputError(f"an array of {array.dtype} is not pixel values: give numbers")
+    if array.ndim == 2:  # one channel: mode F keeps the values, gray_and_alpha scales them by their range
+        return Image.fromarray(array.astype(np.float32))  # mode F
+    if array.dtype != np.uint8:
+        high = np.nanmax(array) if np.isfinite(array).any() else 0
+        array = np.nan_to_num(array.astype(np.float64) * (255.0 if high <= 1 else 1.0))
+        array = np.clip(array, 0, 255).astype(np.uint8)
+    return Image.fromarray(array)  # RGB or RGBA
+
+
+def load_digit(source):
+    """An image file (path), a PIL image, a numpy array or a torch tensor as a preprocessed digit tensor;
+    ImageInputError says what is wrong."""
     try:
+        if isinstance(source, Image.Image):
+            image = checked_image(source)
+        elif isinstance(source, (np.ndarray, torch.Tensor)):
+            image = image_from_array(source)
+        else:
+            image = open_image(source)
         return preprocess_digit(image)
     except ImageInputError:
         raise
@@ -133,50 +179,93 @@ def load_digit(path):
         raise ImageInputError(f"cannot preprocess it ({type(e).__name__}: {str(e).strip()[:120]})") from None
 
 
+IN_MEMORY = (Image.Image, np.ndarray, torch.Tensor)
+
+
+def _is_one_input(inputs):
+    return isinstance(inputs, (str, os.PathLike, *IN_MEMORY))
+
+
+def _walk_folder(folder, suffixes):
+    """(path, None) for every image file below `folder`, sorted, and (folder, why) for each that cannot be read.
+
+    Symbolic links to folders are followed, each real folder once, so a link to a parent cannot loop.
+    """
+    found, unreadable, seen = [], [], set()
+
+    def report(error):
+        unreadable.append((Path(error.filename or folder), f"cannot read this folder ({error.strerror or error})"))
+
+    for parent, dirs, files in os.walk(folder, onerror=report, followlinks=True):
+        real = os.path.realpath(parent)
+        if real in seen:  # reached again through a link
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found += [Path(parent) / f for f in files if not f.startswith(".") and Path(f).suffix.lower() in suffixes]
+    return [(p, None) for p in sorted(found)] + unreadable
+
+
+def iter_inputs(inputs):
+    """(name, source, error) for each input, in order: files as given; folders as every image file below them (any
+    suffix PIL opens, sorted; hidden files and folders, names starting with ".", skipped; each folder that
+    cannot be read reported); PIL images, numpy arrays and torch tensors named "<image K>" by their place."""
+    if _is_one_input(inputs):
+        inputs = [inputs]
+    suffixes = image_suffixes()
+    for k, item in enumerate(inputs):
+        if isinstance(item, IN_MEMORY):
+            yield f"<image {k}>", item, None
+        elif not isinstance(item, (str, os.PathLike)):
+            raise TypeError(f"input {k} is a {type(item).__name__}: give image file paths, folders, PIL images, "
+                            "numpy arrays or torch tensors")
+        elif not os.fspath(item):
+            yield "", None, "the path is empty: give a file or a folder (. for the current one)"
+        elif Path(item).is_dir():
+            for path, error in _walk_folder(Path(item), suffixes):
+                yield str(path), path, error
+        else:
+            yield str(Path(item)), Path(item), None
+
+
 def expand_image_paths(paths):
     """Files as given; folders as every image file below them (any suffix PIL opens), sorted.
 
     Hidden files and folders (names starting with ".", such as macOS's ._x.png) are skipped inside folders.
     """
-    if isinstance(paths, (str, os.PathLike)):
-        paths = [paths]
-    suffixes = image_suffixes()
-    out = []
-    for p in map(Path, paths):
-        if not p.is_dir():
-            out.append(p)
-            continue
-        found = []
-        for folder, dirs, files in os.walk(p):
-            dirs[:] = [d for d in dirs if not d.startswith(".")]
-            found += [Path(folder) / f for f in files
-                      if not f.startswith(".") and Path(f).suffix.lower() in suffixes]
-        out += sorted(found)
-    return out
+    return [source for _, source, error in iter_inputs(paths) if error is None]
 
 
 @torch.inference_mode()
-def predict_digits(model, paths, device=None):
-    """Classify image files (a path, or a list of files and folders). One result dict per file, in order:
-    path, digit, probability, runner_up, runner_up_probability, input (the 28x28 tensor the model saw)
-    and error (None, or why the file could not be classified)."""
+def iter_predictions(model, inputs, device=None):
+    """predict_digits one input at a time: each result as soon as it is made."""
     device = as_device(device) if device is not None else next(model.parameters()).device
     model.eval()
-    results = []
-    for path in expand_image_paths(paths):
-        result = dict(path=str(path), digit=None, probability=None, runner_up=None,
-                      runner_up_probability=None, input=None, error=None)
-        results.append(result)
-        try:
-            x = load_digit(path)
-        except ImageInputError as e:
-            result["error"] = str(e)
-            continue
-        probs = model(x.unsqueeze(0).to(device)).float().exp().squeeze(0).cpu()
-        if not probs.isfinite().all():
-            result["error"] = "the model gave NaN or infinite scores: its weights are broken; use another checkpoint"
-            continue
-        top = probs.topk(2)
-        result.update(digit=int(top.indices[0]), probability=float(top.values[0]),
-                      runner_up=int(top.indices[1]), runner_up_probability=float(top.values[1]), input=x)
-    return results
+    for name, source, error in iter_inputs(inputs):
+        result = dict(path=name, digit=None, probability=None, runner_up=None,
+                      runner_up_probability=None, input=None, error=error)
+        if error is None:
+            try:
+                x = load_digit(source)
+            except ImageInputError as e:
+                result["error"] = str(e)
+            else:
+                probs = model(x.unsqueeze(0).to(device)).float().exp().squeeze(0).cpu()
+                if not probs.isfinite().all():
+                    result["error"] = ("the model gave NaN or infinite scores: its weights are broken; "
+                                       "use another checkpoint")
+                else:
+                    top = probs.topk(2)
+                    result.update(digit=int(top.indices[0]), probability=float(top.values[0]),
+                                  runner_up=int(top.indices[1]), runner_up_probability=float(top.values[1]),
+                                  input=x)
+        yield result
+
+
+def predict_digits(model, inputs, device=None):
+    """Classify digit images: a path, a folder, a PIL image, a numpy array, a torch tensor, or a list mixing them.
+    One result dict per image, in order: path (in-memory images: "<image K>", K their place in the list), digit,
+    probability, runner_up, runner_up_probability, input (the 28x28 tensor the model saw) and error (None, or
+    why the image could not be classified)."""
+    return list(iter_predictions(model, inputs, device))

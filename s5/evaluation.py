@@ -47,6 +47,8 @@ def misclassified(predictions, k=16):
 
     A list of dicts with image, true, predicted and probability (of the prediction).
     """
+    if k < 0:  # a negative slice would silently drop the last mistakes instead
+        raise ValueError(f"misclassified needs k >= 0 (how many mistakes to return), got k={k}")
     if predictions.images is None:
         raise ValueError("misclassified needs the images: use predict_loader(..., keep_images=True)")
     probs, preds = predictions.log_probs.exp().max(1)

@@ -3,11 +3,12 @@ import json
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO
 
 
 def test_bench_prints_table_then_json(mnist_root):
-    done = subprocess.run([sys.executable, str(REPO / "bench.py"), "--batches", "2", "--batch-size", "64",
+    done = subprocess.run([sys.executable, str(REPO / "bench.py"), "--batches", "10", "--batch-size", "64",
                            "--data-dir", str(mnist_root)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.strip().splitlines()
@@ -28,3 +29,17 @@ def test_bench_prints_table_then_json(mnist_root):
     # ceiling = batch / seconds, both printed rounded to 0.1: the product is 64 to within what rounding allows
     ceiling, ms = figures["conv_only_ceiling_img_s"], figures["conv_only_ms_per_batch"]
     assert abs(ceiling * ms / 1e3 - 64) <= (ceiling + ms) * 0.05 / 1e3 + 1e-9
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--batches", "1"], "argument --batches: 1 is out of range: give 10 or more"),  # printed noise as 23x ratios
+    (["--batches", "10", "--workers", "8"], "argument --batches: 10 is too few for --workers 8"),
+    (["--target", "250"], "argument --target: 250 is out of range: give a percentage above 0 and at most 100"),
+    (["--target", "0"], "argument --target: 0 is out of range"),
+    (["--target", "nan"], "argument --target: nan is out of range"),
+])
+def test_flags_out_of_range_are_one_line_errors(flags, message):
+    done = subprocess.run([sys.executable, str(REPO / "bench.py"), *flags], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 2 and done.stdout == "" and done.stderr.startswith(f"error: {message}")
+    assert len(done.stderr.splitlines()) == 1

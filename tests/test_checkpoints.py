@@ -1,6 +1,8 @@
+import io
 import os
 import pickle
 import random
+import zipfile
 
 import numpy as np
 import pytest
@@ -9,7 +11,10 @@ import torch
 from model import Net
 from s5.checkpoints import (
     CHECKPOINT_FORMAT,
+    MAX_ARCHIVE_BYTES,
+    MAX_ARCHIVE_ENTRIES,
     CheckpointError,
+    check_archive,
     load_checkpoint,
     read_resumable,
     save_checkpoint,
@@ -211,3 +216,70 @@ def test_damaged_checkpoint_without_weights(tmp_path):
     torch.save({"format": CHECKPOINT_FORMAT, "epoch": 3}, tmp_path / "x.pt")
     with pytest.raises(CheckpointError, match="it has no model weights"):
         load_checkpoint(tmp_path / "x.pt", Net())
+
+
+# --- robustness: archives that declare more than a Net checkpoint holds --------------------------------------------
+
+def zip_bomb(model, declared=256 * 2**20):
+    """A real checkpoint of `model` whose largest tensor entry is replaced by `declared` bytes of DEFLATE-compressed
+    zeros (about 1000:1): the file stays small, torch.load would inflate all of it into memory."""
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    with zipfile.ZipFile(buffer) as src:
+        entries = [(info, src.read(info)) for info in src.infolist()]
+    biggest = max(entries, key=lambda e: len(e[1]))[0].filename
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as dst:
+        for info, data in entries:
+            if info.filename != biggest:
+                dst.writestr(info, data)
+                continue
+            bomb = zipfile.ZipInfo(info.filename)
+            bomb.compress_type = zipfile.ZIP_DEFLATED
+            with dst.open(bomb, "w", force_zip64=True) as f:
+                zeros = bytes(2**24)
+                for _ in range(declared // len(zeros)):
+                    f.write(zeros)
+    return out.getvalue()
+
+
+def test_zip_bomb_is_refused_before_torch_inflates_it(tmp_path, monkeypatch):
+    (tmp_path / "bomb.pt").write_bytes(zip_bomb(Net()))
+    assert (tmp_path / "bomb.pt").stat().st_size < 2 * 2**20  # small on disk, 256 MiB declared
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("torch.load was reached")
+
+    monkeypatch.setattr(torch, "load", no_load)
+    with pytest.raises(CheckpointError, match=r"refusing to load .*bomb\.pt: it declares .* bytes uncompressed"):
+        load_checkpoint(tmp_path / "bomb.pt", Net())
+
+
+def test_archive_with_too_many_entries_is_refused(tmp_path):
+    with zipfile.ZipFile(tmp_path / "many.pt", "w") as archive:
+        for k in range(MAX_ARCHIVE_ENTRIES + 1):
+            archive.writestr(f"archive/data/{k}", b"")
+    with pytest.raises(CheckpointError, match=f"declares {MAX_ARCHIVE_ENTRIES + 1:,} entries"):
+        load_checkpoint(tmp_path / "many.pt")
+
+
+def test_real_checkpoints_pass_the_archive_check(tmp_path):
+    model, opt, sched = _trained_state()
+    save_checkpoint(tmp_path / "last.pt", model, opt, sched, 1, history=new_history())
+    check_archive(tmp_path / "last.pt")
+    with zipfile.ZipFile(tmp_path / "last.pt") as archive:  # the caps are far above what train.py writes
+        assert sum(i.file_size for i in archive.infolist()) * 10 < MAX_ARCHIVE_BYTES
+
+
+def test_legacy_torch_format_still_loads(tmp_path):
+    """torch's pre-1.6 format is not a zip: it is read (bounded by the file-size cap), as before."""
+    model = Net()
+    torch.save(model.state_dict(), tmp_path / "old.pt", _use_new_zipfile_serialization=False)
+    load_checkpoint(tmp_path / "old.pt", Net())
+
+
+def test_oversized_file_is_refused_before_reading(tmp_path):
+    with open(tmp_path / "big.pt", "wb") as f:
+        f.truncate(MAX_ARCHIVE_BYTES + 1)  # sparse: no disk used
+    with pytest.raises(CheckpointError, match="refusing to load .* larger than a checkpoint"):
+        load_checkpoint(tmp_path / "big.pt")

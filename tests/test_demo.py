@@ -1,6 +1,7 @@
 """The draw-a-digit demo in a real browser: demo.py serves the page, headless Chromium draws on the sketchpad."""
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -121,3 +122,126 @@ def test_drawn_digits_are_read_in_the_browser(trained, tmp_path):
             driver.quit()
         server.terminate()
         server.wait(timeout=30)
+
+
+# --- robustness: hostile or many clients, bad addresses, signals ---------------------------------------------------
+
+def start_demo(ckpt, *flags):
+    return subprocess.Popen([sys.executable, str(REPO / "demo.py"), str(ckpt), *flags], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})
+
+
+def wait_until_serving(server):
+    line = server.stdout.readline()  # printed once the server is up
+    assert line.startswith("serving "), (line, server.stderr.read() if server.poll() is not None else "")
+    return line
+
+
+@pytest.mark.parametrize("host", ["no.such.host.invalid", "192.0.2.1"])
+def test_an_unusable_host_is_named_before_serving(trained, host):
+    _, ckpt, _ = trained
+    done = subprocess.run([sys.executable, str(REPO / "demo.py"), str(ckpt), "--host", host, "--port", "7861"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2 and "serving" not in done.stdout and "Traceback" not in done.stderr
+    assert done.stderr.startswith("error: --host: ") and host in done.stderr and "--port" not in done.stderr
+    assert len(done.stderr.splitlines()) == 1
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_a_signal_stops_the_demo_with_one_line_and_exit_130(trained, sig):
+    pytest.importorskip("gradio", reason="the demo's packages: pip install -r requirements-demo.txt")
+    _, ckpt, _ = trained
+    server = start_demo(ckpt, "--port", str(free_port()))
+    try:
+        wait_until_serving(server)
+        server.send_signal(sig)
+        _, err = server.communicate(timeout=120)
+    finally:
+        server.kill()
+    assert server.returncode == 130 and "Traceback" not in err, err
+    assert err.splitlines()[-1] == "error: interrupted: the demo has stopped"
+
+
+@pytest.fixture(scope="module")
+def demo_url(trained):
+    pytest.importorskip("gradio", reason="the demo's packages: pip install -r requirements-demo.txt")
+    _, ckpt, _ = trained
+    port = free_port()
+    server = start_demo(ckpt, "--port", str(port))
+    try:
+        wait_until_serving(server)
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
+def drawing(tmp_path, digits):
+    from conftest import as_photo
+
+    path = tmp_path / "drawing.png"
+    Image.fromarray(as_photo(digits[0][0], True)).save(path)
+    return path
+
+
+def test_concurrent_identical_requests_all_succeed(trained, demo_url, tmp_path):
+    """The 28x28 image was one cached file, rewritten while served: 3 to 9 of 50 such requests failed."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gradio_client import Client, handle_file
+
+    _, _, digits = trained
+    path = drawing(tmp_path, digits)
+
+    def requests(k):
+        client = Client(demo_url, verbose=False, download_files=str(tmp_path / f"client{k}"))
+        return [client.predict({"background": None, "layers": [], "composite": handle_file(str(path))},
+                               api_name="/predict") for _ in range(3)]
+
+    with ThreadPoolExecutor(10) as pool:
+        answers = [a for batch in pool.map(requests, range(10)) for a in batch]
+    assert len(answers) == 30
+    for probs, seen, note in answers:
+        assert note.startswith(f"The Net reads a {digits[0][1]} ") and probs["label"] == str(digits[0][1])
+        assert Image.open(seen).size == (280, 280)
+
+
+def test_oversized_drawings_are_refused_before_decoding(demo_url, tmp_path):
+    from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
+
+    Image.new("1", (12000, 12000), 1).save(tmp_path / "huge.png")  # about 150 KB, 144 megapixels
+    client = Client(demo_url, verbose=False)
+    with pytest.raises(AppError, match="pixel limit"):
+        client.predict({"background": None, "layers": [], "composite": handle_file(str(tmp_path / "huge.png"))},
+                       api_name="/predict")
+    import httpx  # the server's own check: gradio_client refuses a large file before sending it
+
+    big = httpx.post(demo_url + "gradio_api/upload", files={"files": ("big.png", b"\0" * (6 * 2**20))}, timeout=120)
+    assert big.status_code == 413 and "maximum allowed size" in big.text  # refused, not stored in the cache
+
+
+def test_drawings_sent_in_pieces_are_checked_too(trained):
+    """The page sends its canvas as blobs under an id (Gradio's accept_blobs), not as an upload: the same checks."""
+    import io
+    from types import SimpleNamespace
+
+    gradio_editor = pytest.importorskip("gradio.components.image_editor")
+    from s5.demo import drawing_from_payload
+    from s5.digits import ImageInputError
+
+    def png(image):
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    pad = SimpleNamespace(blob_storage={})
+    payload = gradio_editor.EditorData(id="a", background=None, layers=[], composite=None)
+    pad.blob_storage["a"] = gradio_editor.EditorDataBlobs(background=None, layers=[],
+                                                          composite=png(Image.new("RGBA", (280, 280))))
+    assert drawing_from_payload(pad, payload).size == (280, 280) and not pad.blob_storage  # consumed
+    pad.blob_storage["a"] = gradio_editor.EditorDataBlobs(background=None, layers=[],
+                                                          composite=png(Image.new("1", (12000, 12000))))
+    with pytest.raises(ImageInputError, match="pixel limit"):
+        drawing_from_payload(pad, payload)

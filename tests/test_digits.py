@@ -206,3 +206,41 @@ def test_any_bytes_give_a_digit_or_an_image_input_error(tmp_path, junk, cut, fli
         except ImageInputError:
             continue
         assert x.shape == (1, 28, 28) and torch.isfinite(x).all()
+
+
+def test_in_memory_images_are_classified_like_files(trained, tmp_path):
+    """A notebook passes what it has: a PIL image, a numpy array, a torch tensor, or a list mixing them with paths."""
+    model, _, digits = trained
+    digit, label = digits[0]
+    photo = Image.fromarray(as_photo(digit, True))
+    photo.save(tmp_path / "a.png")
+    normalised = (torch.from_numpy(digit).float().unsqueeze(0) / 255 - MEAN) / STD  # a dataset item, (1, 28, 28)
+    inputs = [photo, np.asarray(photo), torch.tensor(np.asarray(photo)), normalised, tmp_path / "a.png",
+              np.asarray(photo.convert("RGB"))]
+    results = predict_digits(model, inputs)
+    assert [r["path"] for r in results] == ["<image 0>", "<image 1>", "<image 2>", "<image 3>",
+                                            str(tmp_path / "a.png"), "<image 5>"]
+    assert all(r["error"] is None and r["digit"] == label for r in results), results
+    file_input = results[4]["input"]
+    assert all(torch.equal(r["input"], file_input) for r in results[:3])  # the same preprocessing as the file
+    [one] = predict_digits(model, photo)  # one image, not a list
+    assert one["digit"] == label and one["path"] == "<image 0>"
+
+
+def test_unusable_in_memory_inputs_get_reasons(trained):
+    model, _, _ = trained
+    batch = np.zeros((5, 28, 28), np.uint8)
+    results = predict_digits(model, [batch, np.zeros((0, 5)), Image.new("L", (6000, 6000))])
+    assert "shape (5, 28, 28) is not one image" in results[0]["error"]
+    assert "is not one image" in results[1]["error"]
+    assert "pixel limit" in results[2]["error"]
+    with pytest.raises(TypeError, match="input 0 is a int"):
+        predict_digits(model, [5])
+
+
+def test_empty_path_is_an_error_not_the_current_folder(trained, tmp_path, monkeypatch):
+    model, _, digits = trained
+    Image.fromarray(as_photo(digits[0][0], True)).save(tmp_path / "a.png")
+    monkeypatch.chdir(tmp_path)
+    [result] = predict_digits(model, "")
+    assert result["error"].startswith("the path is empty")

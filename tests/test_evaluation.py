@@ -40,3 +40,11 @@ def test_misclassified_are_worst_first(test_loader, tmp_path):
         misclassified(predict_loader(model, test_loader, "cpu"))
     fig = plot_misclassified(mistakes, tmp_path / "m.png")
     assert "true" in fig.axes[0].get_title()
+
+
+def test_misclassified_refuses_a_negative_k(test_loader):
+    set_seed(0)
+    predictions = predict_loader(Net(), test_loader, "cpu", keep_images=True)
+    with pytest.raises(ValueError, match="k=-1"):
+        misclassified(predictions, k=-1)  # was every mistake but one
+    assert misclassified(predictions, k=0) == []
