@@ -3,7 +3,7 @@
 Importable on its own (`from model import Net`); it needs only torch.
 
 How far each layer sees (no padding, stride 1 convs, 2x2 max-pools). ``receptive_field(Net())``
-in utils.py derives the same table from the layers themselves.
+(s5/receptive_field.py, also in utils.py) derives the same table from the layers themselves.
 
     layer        output (C x H x W)   jump   receptive field
     input        1 x 28 x 28          1      1

@@ -109,14 +109,14 @@ def save_weights(path, model):
 
 
 def load_checkpoint(path, model=None, map_location="cpu"):
-    """Load a train.py checkpoint (or a bare state_dict) safely; optionally into `model`.
+    """Load a run's checkpoint (or a bare state_dict) safely; optionally into `model`.
 
     Uses weights_only loading, so a file carrying pickled code is refused, not run. Every failure
     is a CheckpointError with a one-line message saying what is wrong and what to do.
     """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path}: give the path of a .pt file written by train.py")
+        raise CheckpointError(f"no checkpoint at {path}: give the path of a .pt file a training run wrote")
     check_archive(path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
@@ -124,7 +124,7 @@ def load_checkpoint(path, model=None, map_location="cpu"):
         if "unsupported global" in str(e).lower():  # a pickled class or function: it could be arbitrary code
             raise CheckpointError(
                 f"refusing to load {path}: it holds pickled Python objects that could run code, not just "
-                "weights; only use checkpoints written by train.py from a source you trust") from None
+                "weights; only use checkpoints of this repo's runs from a source you trust") from None
         raise CheckpointError(
             f"{path} is not a readable checkpoint (truncated, corrupted or another kind of file): "
             "use an intact last.pt/best.pt, or train again") from None
@@ -134,7 +134,7 @@ def load_checkpoint(path, model=None, map_location="cpu"):
         weights, state = state, {"model": state}  # a bare model.state_dict(), e.g. model.pt
     else:
         raise CheckpointError(f"{path} is a torch file but not a checkpoint of this repo: give last.pt, best.pt "
-                              "or model.pt from a train.py run")
+                              "or model.pt from a training run")
     if not isinstance(weights, dict) or not all(isinstance(k, str) for k in weights):
         raise CheckpointError(f"{path} is damaged: it has no model weights; use another checkpoint of the run")
     for prefix in WRAPPER_PREFIXES:  # saved from a wrapped model by other code: the plain names
@@ -181,8 +181,8 @@ def read_resumable(path, model):
         config = (RunConfig.from_dict(state["config"]) if state.get("config") is not None
                   else RunConfig.from_legacy_args(state["args"]))
     except (ConfigError, TypeError) as e:
-        raise CheckpointError(f"{path} holds an impossible configuration ({e}): it was not written by train.py "
-                              "or is damaged; use another checkpoint") from None
+        raise CheckpointError(f"{path} holds an impossible configuration ({e}): it was not written by a run of "
+                              "this repo or is damaged; use another checkpoint") from None
     epoch = state["epoch"]
     if isinstance(epoch, bool) or not isinstance(epoch, int) or not 0 <= epoch <= config.epochs:
         raise CheckpointError(f"{path} says {epoch!r} epochs are done, not 0 to {config.epochs}: it is damaged; "
@@ -213,7 +213,7 @@ def _rng_state_ok(state):
         return False
 
 
-# A train.py last.pt of Net is about 5 MB: 593,200 fp32 weights, as many SGD momentum values, the history (a row
+# A run's last.pt of Net is about 5 MB: 593,200 fp32 weights, as many SGD momentum values, the history (a row
 # every 10 batches: 0.2 MB for 100 epochs at batch size 128) and the RNG states. torch.load inflates every archive
 # entry to the size the archive declares before anything can be checked, so a small crafted file could ask for
 # gigabytes. The caps are over ten times a real checkpoint.
@@ -227,7 +227,7 @@ def check_archive(path):
     if Path(path).stat().st_size > MAX_ARCHIVE_BYTES:  # also bounds the directory zipfile parses below
         raise CheckpointError(f"refusing to load {path}: at {Path(path).stat().st_size:,} bytes it is larger than a "
                               f"checkpoint of this repo's Net can be ({MAX_ARCHIVE_BYTES:,} bytes at most); only "
-                              "use checkpoints written by train.py")
+                              "use checkpoints of this repo's runs")
     if not zipfile.is_zipfile(path):
         return  # torch's pre-1.6 format, a bare pickle or junk: torch.load refuses what is unsafe or damaged
     try:
@@ -242,4 +242,4 @@ def check_archive(path):
         raise CheckpointError(
             f"refusing to load {path}: it declares {len(entries):,} entries and {declared:,} bytes uncompressed, "
             f"more than a checkpoint of this repo's Net holds (at most {MAX_ARCHIVE_ENTRIES:,} entries, "
-            f"{MAX_ARCHIVE_BYTES:,} bytes); only use checkpoints written by train.py")
+            f"{MAX_ARCHIVE_BYTES:,} bytes); only use checkpoints of this repo's runs")

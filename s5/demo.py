@@ -1,6 +1,6 @@
 """The draw-a-digit demo: a sketchpad, the Net's prediction, its ten probabilities, and the 28x28 image it saw.
 
-The drawing goes through `digits.preprocess_digit`, the same preprocessing as predict.py, so what the page
+The drawing goes through `digits.preprocess_digit`, the same preprocessing as `predict_digits`, so what the page
 shows is what the command line would answer for the same picture. Gradio is imported here only, so the core
 install does not need it (`make demo` installs requirements-demo.txt).
 """
@@ -14,11 +14,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from s5.config import RUNS_DIR
 from s5.data import MEAN, STD
 from s5.digits import ImageInputError, checked_image, open_image, preprocess_digit
 
 CANVAS = (280, 280)  # ten canvas pixels a MNIST pixel
-MAX_UPLOAD_BYTES = 5 * 2**20  # a drawing is under 100 KB; a 5000x5000 photo (predict.py's pixel limit) fits too
+MAX_UPLOAD_BYTES = 5 * 2**20  # a drawing is under 100 KB; a 5000x5000 photo (the pixel limit for files) fits too
 QUEUE_SIZE = 64  # requests waiting at once; more are turned away instead of piling up in memory
 CACHE_SECONDS = 600  # uploads and shown images are deleted this long after they were made
 
@@ -44,7 +45,7 @@ def check_host(host):
     return address[0]
 
 
-def newest_checkpoint(runs="runs"):
+def newest_checkpoint(runs=RUNS_DIR):
     """The newest runs/*/best.pt, or None."""
     found = sorted(Path(runs).glob("*/best.pt"), key=lambda p: p.stat().st_mtime)
     return found[-1] if found else None
@@ -80,7 +81,7 @@ def classify(model, image):
 
 def drawing_from_payload(component, payload):
     """The sketchpad's composite as a checked PIL image, or None: size and pixel count are checked before anything
-    is decoded, as predict.py checks files. ImageInputError says what is wrong."""
+    is decoded, as files are checked. ImageInputError says what is wrong."""
     if payload is None:
         return None
     if payload.id is not None:  # sent in pieces (the page's own upload path); only the composite is read
@@ -118,7 +119,7 @@ def build_app(model, title="S5: draw a digit"):
     """The Gradio Blocks app around `model` (a trained Net); `.launch()` serves it, inline in a notebook.
 
     Bounded: a queue of QUEUE_SIZE, cached files deleted after CACHE_SECONDS, drawings over MAX_UPLOAD_BYTES or
-    predict.py's pixel limit refused before they are decoded (pass max_file_size=MAX_UPLOAD_BYTES to launch too,
+    the pixel limit for files refused before they are decoded (pass max_file_size=MAX_UPLOAD_BYTES to launch too,
     so larger uploads are not even stored).
     """
     import gradio as gr

@@ -1,6 +1,6 @@
 """Where and how a run computes: the device, the precision, the seeds, and CPU memory reuse.
 
-Nothing here runs by itself: the entry points (train.py, bench.py, the notebook) choose what to switch on.
+Nothing here runs by itself: the entry points and the notebook choose what to switch on.
 """
 
 import ctypes
@@ -62,7 +62,7 @@ def keep_freed_memory():
     with fresh mmap()ed pages and unmaps them on free, so every step pays a page fault per 4 KB touched
     (the README's speed table measures what that costs). With mmap and heap trimming off, freed blocks are
     reused. The cost: the process keeps its peak memory until it exits, and the setting cannot be undone,
-    so it is the caller's choice (train.py, bench.py and the notebook make it for CPU runs). Only on Linux
+    so it is the caller's choice (runs, the benchmark and the notebook make it on the CPU). Only on Linux
     with glibc; returns whether the settings are in effect.
     """
     global _freed_memory_kept

@@ -1,6 +1,6 @@
 """Your own digits: image files turned into 28x28 inputs the way MNIST was made, then classified.
 
-One preprocessing serves predict.py, the notebook and anything else that shows the Net a new image. Every
+One preprocessing serves the command line, the notebook and anything else that shows the Net a new image. Every
 way a file can fail (empty, not an image, damaged, crafted, too big, animated, blank) is an ImageInputError
 for that file alone; the other files are still classified.
 """

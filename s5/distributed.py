@@ -1,7 +1,7 @@
 """Data-parallel training on N processes with torch.distributed, as `torchrun` launches it.
 
-`python train.py` runs one process with no process group; `torchrun --nproc_per_node=N train.py` starts N, and
-`setup()` joins them: NCCL with one GPU per local rank on CUDA, gloo on CPUs. The model is wrapped in
+A plain run is one process with no process group; torchrun starts N of them, and `setup()`
+joins them: NCCL with one GPU per local rank on CUDA, gloo on CPUs. The model is wrapped in
 DistributedDataParallel by the caller; the loaders shard each global batch (s5.data), and the loops add up
 their counts across processes with `all_sum`, so every rank sees the same global figures and takes the same
 decisions (a NaN stops every rank at the same step, never one alone).

@@ -252,7 +252,7 @@ def new_history(saved=None):
 
 def fit(model, device, train_loader, test_loader, optimizer, scheduler, criterion, epochs, *, ctx=SINGLE,
         history=None, start_epoch=1, amp_dtype=None, on_epoch_end=None, progress=True, started=None):
-    """The epoch loop of train.py and the tests: train, evaluate, step an epoch-wise scheduler, record.
+    """The epoch loop of every run: train, evaluate, step an epoch-wise scheduler, record.
 
     Appends one value of each EPOCH_RECORD key per epoch to `history` (a new one when None) and returns it,
     then calls `on_epoch_end(epoch, history)` (a run saves checkpoints there). Starting at `start_epoch`
