@@ -64,7 +64,10 @@ def test_round_trip_restores_everything(tmp_path):
 def test_bare_state_dict_loads(tmp_path):
     model = Net()
     torch.save(model.state_dict(), tmp_path / "model.pt")
-    load_checkpoint(tmp_path / "model.pt", Net())
+    fresh = Net()
+    state = load_checkpoint(tmp_path / "model.pt", fresh)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))
+    assert state["model"].keys() == model.state_dict().keys() and "optimizer" not in state
 
 
 class _Evil:

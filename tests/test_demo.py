@@ -45,7 +45,7 @@ def test_newest_checkpoint(tmp_path):
     for name in ("a", "b"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "best.pt").write_bytes(b"x")
-        time.sleep(0.01)
+        os.utime(tmp_path / name / "best.pt", (1_000_000 + ord(name), 1_000_000 + ord(name)))  # b is newer
     assert newest_checkpoint(tmp_path) == tmp_path / "b" / "best.pt"
 
 

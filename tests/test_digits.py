@@ -82,7 +82,10 @@ def test_plot_predictions(trained, tmp_path):
     model, _, digits = trained
     Image.fromarray(as_photo(digits[1][0], True)).save(tmp_path / "a.png")
     fig = plot_predictions(predict_digits(model, [tmp_path]), save_path=tmp_path / "p.png")
-    assert len(fig.axes) == 2 and (tmp_path / "p.png").stat().st_size > 0
+    results = predict_digits(model, [tmp_path / "a.png"])
+    assert len(fig.axes) == 2 and fig.axes[0].get_title() == "a.png"
+    assert fig.axes[1].get_title().startswith(f"{results[0]['digit']} (")  # the model's answer for that file
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 # --- robustness: what people and hostile files feed predict ------------------------------------------------------

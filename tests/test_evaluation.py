@@ -39,7 +39,9 @@ def test_misclassified_are_worst_first(test_loader, tmp_path):
     with pytest.raises(ValueError, match="keep_images=True"):
         misclassified(predict_loader(model, test_loader, "cpu"))
     fig = plot_misclassified(mistakes, tmp_path / "m.png")
-    assert "true" in fig.axes[0].get_title()
+    titled = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert titled == [f"true {m['true']}\npred {m['predicted']} ({m['probability']:.0%})" for m in mistakes]
+    assert (tmp_path / "m.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_misclassified_refuses_a_negative_k(test_loader):
