@@ -95,8 +95,6 @@ def main(argv=None):
         fail(ctx, cli.config_message(e))
     except (mnist.MNISTDataError, ValueError) as e:
         fail(ctx, e)
-    except RuntimeError as e:  # the processes disagree: a bug
-        fail(ctx, e, cli.EXIT_FAILED)
     except KeyboardInterrupt:
         fail(ctx, "interrupted before the run started", cli.EXIT_INTERRUPTED)
     finally:
@@ -127,6 +125,9 @@ def stopped(ctx, e, run_config):
     if isinstance(e.cause, KeyboardInterrupt):
         print(flush=True)  # end the progress bar's line
         fail(ctx, f"interrupted{hint}", cli.EXIT_INTERRUPTED)
+    if isinstance(e.cause, run.OutOfMemoryError):
+        other = "" if run_config.device == "cpu" else " (or --device cpu, where memory is larger)"
+        fail(ctx, f"{e.cause}: try a smaller --batch-size{other}{hint}", cli.EXIT_FAILED)
     if isinstance(e.cause, engine.TrainingDivergedError):
         fail(ctx, f"{e.cause} (try a new run with --lr below {run_config.recipe.lr:g}){hint}", cli.EXIT_FAILED)
     fail(ctx, f"{e.cause}{hint}", cli.EXIT_FAILED)

@@ -41,12 +41,16 @@ class LaunchError(ValueError):
     """The torchrun environment variables are missing, inconsistent, or the group could not form; says which."""
 
 
+class GroupError(RuntimeError):
+    """Another process of the group stopped or stopped answering mid-run."""
+
+
 def _env_int(name, low, high=None, default=None):
     text = os.environ.get(name)
     if text is None:
         if default is None:
-            raise LaunchError(f"{name} is not set but RANK/WORLD_SIZE are: start the processes with torchrun, or "
-                              "unset RANK and WORLD_SIZE for one process")
+            raise LaunchError(f"{name} is not set: start the processes with torchrun (it sets RANK, WORLD_SIZE, "
+                              "MASTER_ADDR and MASTER_PORT), or unset RANK and WORLD_SIZE to run one process")
         return default
     try:
         value = int(text)
@@ -73,14 +77,25 @@ def context_from_env():
     return Context(rank, world_size, local_rank)
 
 
-JOIN_TIMEOUT = timedelta(seconds=float(os.environ.get("S5_JOIN_TIMEOUT_S") or 120))  # how long to wait for all ranks
+JOIN_TIMEOUT_S = 120.0  # how long the processes wait for each other to start (S5_JOIN_TIMEOUT_S overrides it)
+
+
+def join_timeout():
+    text = os.environ.get("S5_JOIN_TIMEOUT_S") or str(JOIN_TIMEOUT_S)
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds <= 86400:
+        raise LaunchError(f"S5_JOIN_TIMEOUT_S={text!r} is not a number of seconds from 0 to 86400: fix or unset it")
+    return timedelta(seconds=seconds)
 
 
 def setup(ctx, device):
     """Join the process group of `ctx` (from context_from_env) and pick this process's device.
 
     Returns the device this process trains on: with a CUDA `device` the GPU of its LOCAL_RANK, with NCCL;
-    otherwise `device`, with gloo. Waits at most JOIN_TIMEOUT for every process to arrive, then LaunchError.
+    otherwise `device`, with gloo. Waits at most join_timeout() for every process to arrive, then LaunchError.
     A single process (world size 1) forms no group.
     """
     if not ctx.active:
@@ -93,17 +108,17 @@ def setup(ctx, device):
                               "the CPU")
         torch.cuda.set_device(ctx.local_rank)
     if not dist.is_initialized():
-        addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+        addr, port, wait = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), join_timeout()
         hosts_store = ctx.rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"  # torchrun's agent
         try:
-            store = dist.TCPStore(addr, port, ctx.world_size, is_master=hosts_store, timeout=JOIN_TIMEOUT,
+            store = dist.TCPStore(addr, port, ctx.world_size, is_master=hosts_store, timeout=wait,
                                   wait_for_workers=True)
             dist.init_process_group("nccl" if use_cuda else "gloo", store=store, rank=ctx.rank,
                                     world_size=ctx.world_size, timeout=TIMEOUT)
         except (RuntimeError, OSError, ValueError) as e:  # DistStoreError, DistNetworkError are RuntimeErrors
             reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
             raise LaunchError(f"process {ctx.rank} of {ctx.world_size} could not join the group at {addr}:{port} "
-                              f"within {JOIN_TIMEOUT.total_seconds():.0f} s ({reason}): start every process with "
+                              f"within {wait.total_seconds():g} s ({reason}): start every process with "
                               "torchrun, with the same MASTER_ADDR and MASTER_PORT") from None
     return torch.device("cuda", ctx.local_rank) if use_cuda else device
 

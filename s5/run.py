@@ -108,13 +108,38 @@ def run(config, device, *, ctx=engine.SINGLE, resume=None, resume_path=None, sta
     config = replace(config, out=str(folder))
     try:
         return _train(config, device, ctx, resume, resume_path, claimed, folder, started), folder
-    except (engine.TrainingDivergedError, OutputError, KeyboardInterrupt) as e:
-        last = folder / "last.pt" if (claimed.exists("last.pt") if claimed else (folder / "last.pt").exists()) \
-            else None
-        raise RunStoppedError(e, folder, last) from e
+    except (engine.TrainingDivergedError, OutputError, KeyboardInterrupt, OutOfMemoryError) as e:
+        raise RunStoppedError(e, folder, _last(claimed, folder)) from e
+    except (MemoryError, RuntimeError) as e:
+        if isinstance(e, distributed.GroupError):
+            cause = e
+        elif _is_out_of_memory(e):
+            cause = OutOfMemoryError(f"out of memory on {device} with batch size {config.recipe.batch_size}")
+        elif ctx.active:  # gloo/NCCL: a peer died or timed out
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            cause = distributed.GroupError(f"another process of the group stopped or stopped answering ({reason})")
+        else:
+            raise
+        raise RunStoppedError(cause, folder, _last(claimed, folder)) from None
     finally:
         if claimed is not None:
             claimed.release()
+
+
+class OutOfMemoryError(MemoryError):
+    """Training or evaluation could not allocate memory (CPU or GPU)."""
+
+
+def _is_out_of_memory(error):
+    text = str(error)
+    return isinstance(error, (MemoryError, torch.OutOfMemoryError)) or "DefaultCPUAllocator: can't allocate" in text \
+        or "not enough memory" in text or "out of memory" in text.lower()
+
+
+def _last(run_dir, folder):
+    """The run's latest checkpoint, if one was saved."""
+    present = run_dir.exists("last.pt") if run_dir is not None else (folder / "last.pt").exists()
+    return folder / "last.pt" if present else None
 
 
 def _train(config, device, ctx, resume, resume_path, run_dir, folder, started):
@@ -171,7 +196,7 @@ def _train(config, device, ctx, resume, resume_path, run_dir, folder, started):
                progress=config.progress, started=started)
     if ctx.active:
         if not distributed.same_on_every_rank(ctx, list(model.parameters())):
-            raise RuntimeError("the processes ended with different weights: a bug, please report it")
+            raise distributed.GroupError("the processes ended with different weights: a bug, please report it")
         say(f"weights identical in all {ctx.world_size} processes")
         if run_dir is None:
             return history

@@ -367,7 +367,7 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one(finished_run, tmp_path
     assert not list(run.glob("*.tmp"))
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 def test_interrupted_runs_say_what_was_kept(tmp_path, mnist_root, sig):
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), "--no-progress", *SMALL, "--epochs", "4",
@@ -377,7 +377,7 @@ def test_interrupted_runs_say_what_was_kept(tmp_path, mnist_root, sig):
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None and not wait_for():
         time.sleep(0.05)
-    if sig == signal.SIGTERM:
+    if sig != signal.SIGINT:
         while "Epoch 1" not in (proc.stdout.readline() or "Epoch 1"):
             pass  # in the first epoch: nothing saved yet
     proc.send_signal(sig)
@@ -471,3 +471,88 @@ def test_symlinked_marker_in_an_empty_out_is_never_written_through(tmp_path, cap
     done = main_in_process(capsys, "--data-dir", tmp_path / "data", "--out", out)
     assert_one_line_error(done, 2, "is not a run's marker file", "give --out a new or empty folder")
     assert notes.read_text() == "my notes"
+
+
+# --- limits, signals to the whole group, torchrun's variables ----------------------------------------------------
+
+def test_out_of_memory_is_one_line_naming_the_batch_size(tmp_path, mnist_root):
+    """A batch of 60,000 needs over 5 GB for the first convolution's output; with 4 GB of address space it fails."""
+    def four_gb():
+        resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+
+    done = run_train("--batch-size", "60000", "--epochs", "1", "--data-dir", mnist_root, "--out", tmp_path / "o",
+                     preexec_fn=four_gb)
+    assert_one_line_error(done, 1, "out of memory on cpu with batch size 60000: try a smaller --batch-size",
+                          "nothing was saved")
+    assert not (tmp_path / "o" / "last.pt").exists()
+
+
+def test_sigterm_to_the_whole_group_with_loader_workers_is_one_line(tmp_path, mnist_root):
+    """SLURM, systemd and torchrun signal every process of the job: the DataLoader workers too."""
+    proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), "--no-progress", *TINY, "--loader", "classic",
+                             "--workers", "2", "--epochs", "3", "--data-dir", str(mnist_root), "--out",
+                             str(tmp_path / "o")], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+    while "Epoch 1" not in (proc.stdout.readline() or "Epoch 1"):
+        pass  # the workers are running
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert_one_line_error(subprocess.CompletedProcess(proc.args, proc.returncode, "", err), 130, "interrupted")
+
+
+def test_unsearchable_data_folder_is_one_line(tmp_path, capsys, monkeypatch):
+    """chmod 000 on MNIST/raw (as a user who is not root: the tests run as root, so the OS's answer is given)."""
+    import s5.mnist
+
+    real_stat = os.stat
+
+    def denied(path, *args, **kwargs):
+        if "MNIST" in str(path):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(s5.mnist.os, "stat", denied)
+    done = main_in_process(capsys, "--data-dir", tmp_path / "data", "--out", tmp_path / "o")
+    assert_one_line_error(done, 2, "cannot look into", "(Permission denied)")
+
+
+def launch_env(**variables):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT")}
+    return {**env, **variables}
+
+
+def free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("variables, needle", [
+    ({"RANK": "1", "WORLD_SIZE": "1"}, "RANK=1 is out of range"),
+    ({"RANK": "abc", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"},
+     "RANK='abc' is not a whole number"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_PORT": "29500"}, "MASTER_ADDR is not set"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "0x"}, "MASTER_PORT='0x'"),
+    ({"WORLD_SIZE": "2"}, "RANK is not set"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "S5_JOIN_TIMEOUT_S": "soon"},
+     "S5_JOIN_TIMEOUT_S='soon'"),
+])
+def test_inconsistent_torchrun_variables_are_named(tmp_path, variables, needle):
+    env = launch_env(**variables)
+    env.setdefault("MASTER_PORT", str(free_port()))
+    done = subprocess.run([sys.executable, str(REPO / "train.py"), "--out", str(tmp_path / "o")], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert_one_line_error(done, 2, needle)
+    assert "--device" not in done.stderr and not (tmp_path / "o").exists()
+
+
+def test_a_missing_process_is_waited_for_a_bounded_time(tmp_path):
+    """RANK=0 of WORLD_SIZE=2 with nobody else: said after S5_JOIN_TIMEOUT_S, instead of a traceback after 5 min."""
+    env = launch_env(RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
+                     S5_JOIN_TIMEOUT_S="3")
+    done = subprocess.run([sys.executable, str(REPO / "train.py"), "--out", str(tmp_path / "o")], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert_one_line_error(done, 2, "process 0 of 2 could not join the group at 127.0.0.1", "within 3 s")
