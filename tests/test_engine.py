@@ -168,3 +168,42 @@ def test_train_records_a_step_row_every_refresh():
     epoch1 = sum(loss * n for loss, n in zip(history["step_train_loss"][:3], (10, 10, 5))) / 25
     assert epoch1 == pytest.approx(history["train_loss"][0], rel=1e-6)
     assert all(0 <= a <= 100 for a in history["step_train_acc"])
+
+
+def _tiny_batches(n=16, size=4):
+    torch.manual_seed(0)
+    x, y = torch.randn(n, 1, 28, 28), torch.randint(0, 10, (n,))
+    return [(x[i:i + size], y[i:i + size]) for i in range(0, n, size)]
+
+
+def test_fit_steps_every_kind_of_scheduler_as_it_expects():
+    """ReduceLROnPlateau needs the loss (it was a TypeError after a whole epoch); CyclicLR moves every batch (it was
+    stepped once an epoch, silently)."""
+    batches = _tiny_batches()
+    model = Net()
+    opt = engine.get_optimizer(model, "SGD", 0.1, 0.9)
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=0, threshold=10.0)
+    engine.fit(model, "cpu", batches, batches, opt, plateau, F.nll_loss, 2, progress=False)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.025)  # no 10x improvement after either epoch: halved twice
+    cyclic = torch.optim.lr_scheduler.CyclicLR(opt, 0.01, 0.1, step_size_up=2)
+    assert engine.steps_per_batch(cyclic)
+    engine.fit(model, "cpu", batches, batches, opt, cyclic, F.nll_loss, 1, progress=False)
+    assert cyclic.last_epoch == len(batches)  # once a batch
+
+
+def test_evaluation_of_empty_batches_is_a_one_line_error():
+    empty = [(torch.zeros(0, 1, 28, 28), torch.zeros(0, dtype=torch.int64))]
+    with pytest.raises(ValueError, match="gave no images"):
+        utils.test(Net(), "cpu", empty, F.nll_loss, [], [], progress=False)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"step_size": 0}, "step_size=0"), ({"name": "OneCycleLR", "max_lr": 0.1, "total_steps": 100, "pct_start": 0},
+                                         "pct_start=0"),
+    ({"name": "OneCycleLR", "max_lr": 0.1, "total_steps": 100, "pct_start": 1.5}, "pct_start=1.5"),
+    ({"name": "OneCycleLR", "max_lr": 0.1, "total_steps": 100, "pct_start": 1.0}, "pct_start=1.0"),
+])
+def test_get_scheduler_refuses_impossible_values(kwargs, match):
+    opt = engine.get_optimizer(Net(), "SGD", 0.01, 0.9)
+    with pytest.raises(ValueError, match=match):
+        engine.get_scheduler(opt, **kwargs)
