@@ -1,6 +1,11 @@
+import csv
 import hashlib
+import io
 import struct
+import subprocess
 import sys
+import zipfile
+import zlib
 from pathlib import Path
 
 import matplotlib
@@ -23,6 +28,25 @@ from s5.data import MEAN, STD, get_mnist_dataset  # noqa: E402
 from s5.device import set_seed  # noqa: E402
 from s5.mnist import DATA_DIR, MNIST_MD5, ensure_mnist, raw_dir  # noqa: E402
 from utils import get_MNISTdataset_with_loader  # noqa: E402
+
+
+def run_train(*args, **kw):
+    """train.py in a new process, as a user runs it (progress bars off)."""
+    return subprocess.run([sys.executable, str(REPO / "train.py"), "--no-progress", *map(str, args)],
+                          capture_output=True, text=True, cwd=REPO, **kw)
+
+
+def read_metrics(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def assert_one_line_error(done, code, *needles):
+    assert done.returncode == code, (done.returncode, done.stderr[-2000:])
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr[-2000:]
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
 
 
 def write_idx(path, array):
@@ -92,3 +116,54 @@ def as_photo(digit, light_background, scale=5, pad=(30, 10)):
     arr = np.asarray(img)
     arr = np.pad(arr, ((pad[0], pad[1]), (pad[1], pad[0] * 2)))
     return 255 - arr if light_background else arr
+
+
+# The edit loop's tier: `pytest -m "not slow"` skips what trains on real MNIST, needs a trained model, or starts
+# processes (torchrun, the notebook's kernel, the browser, the benchmark); `make test` and CI run everything.
+SLOW_FIXTURES = {"mnist_root", "trained", "finished_run", "real_train"}
+SLOW_MODULES = {"test_distributed", "test_notebook", "test_bench", "test_demo"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or item.module.__name__ in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
+
+
+def png_with_chunk(png_bytes, chunk_type, payload):
+    """A PNG with one extra chunk (correct CRC) inserted after IHDR: how crafted files are made."""
+    chunk = struct.pack(">I", len(payload)) + chunk_type + payload
+    chunk += struct.pack(">I", zlib.crc32(chunk_type + payload) & 0xFFFFFFFF)
+    ihdr_end = 8 + 4 + 4 + 13 + 4
+    return png_bytes[:ihdr_end] + chunk + png_bytes[ihdr_end:]
+
+
+def crafted_pngs(good):
+    return {
+        "gama-empty.png": png_with_chunk(good, b"gAMA", b""),
+        "phys-short.png": png_with_chunk(good, b"pHYs", b"\x01"),
+        "ztxt-bomb.png": png_with_chunk(good, b"zTXt", b"Comment\0\0" + zlib.compress(b" " * 50_000_000, 9)),
+    }
+
+
+def zip_bomb(model, declared=256 * 2**20):
+    """A real checkpoint of `model` whose largest tensor entry is replaced by `declared` bytes of DEFLATE-compressed
+    zeros (about 1000:1): the file stays small, torch.load would inflate all of it into memory."""
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    with zipfile.ZipFile(buffer) as src:
+        entries = [(info, src.read(info)) for info in src.infolist()]
+    biggest = max(entries, key=lambda e: len(e[1]))[0].filename
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as dst:
+        for info, data in entries:
+            if info.filename != biggest:
+                dst.writestr(info, data)
+                continue
+            bomb = zipfile.ZipInfo(info.filename)
+            bomb.compress_type = zipfile.ZIP_DEFLATED
+            with dst.open(bomb, "w", force_zip64=True) as f:
+                zeros = bytes(2**24)
+                for _ in range(declared // len(zeros)):
+                    f.write(zeros)
+    return out.getvalue()

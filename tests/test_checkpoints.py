@@ -1,4 +1,3 @@
-import io
 import os
 import pickle
 import random
@@ -7,6 +6,7 @@ import zipfile
 import numpy as np
 import pytest
 import torch
+from conftest import zip_bomb
 
 from model import Net
 from s5.checkpoints import (
@@ -222,29 +222,6 @@ def test_damaged_checkpoint_without_weights(tmp_path):
 
 
 # --- robustness: archives that declare more than a Net checkpoint holds --------------------------------------------
-
-def zip_bomb(model, declared=256 * 2**20):
-    """A real checkpoint of `model` whose largest tensor entry is replaced by `declared` bytes of DEFLATE-compressed
-    zeros (about 1000:1): the file stays small, torch.load would inflate all of it into memory."""
-    buffer = io.BytesIO()
-    torch.save(model.state_dict(), buffer)
-    with zipfile.ZipFile(buffer) as src:
-        entries = [(info, src.read(info)) for info in src.infolist()]
-    biggest = max(entries, key=lambda e: len(e[1]))[0].filename
-    out = io.BytesIO()
-    with zipfile.ZipFile(out, "w") as dst:
-        for info, data in entries:
-            if info.filename != biggest:
-                dst.writestr(info, data)
-                continue
-            bomb = zipfile.ZipInfo(info.filename)
-            bomb.compress_type = zipfile.ZIP_DEFLATED
-            with dst.open(bomb, "w", force_zip64=True) as f:
-                zeros = bytes(2**24)
-                for _ in range(declared // len(zeros)):
-                    f.write(zeros)
-    return out.getvalue()
-
 
 def test_zip_bomb_is_refused_before_torch_inflates_it(tmp_path, monkeypatch):
     (tmp_path / "bomb.pt").write_bytes(zip_bomb(Net()))

@@ -1,13 +1,11 @@
 
 import io
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import as_photo
+from conftest import as_photo, crafted_pngs
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -89,22 +87,6 @@ def test_plot_predictions(trained, tmp_path):
 
 
 # --- robustness: what people and hostile files feed predict ------------------------------------------------------
-
-def png_with_chunk(png_bytes, chunk_type, payload):
-    """A PNG with one extra chunk (correct CRC) inserted after IHDR: how crafted files are made."""
-    chunk = struct.pack(">I", len(payload)) + chunk_type + payload
-    chunk += struct.pack(">I", zlib.crc32(chunk_type + payload) & 0xFFFFFFFF)
-    ihdr_end = 8 + 4 + 4 + 13 + 4
-    return png_bytes[:ihdr_end] + chunk + png_bytes[ihdr_end:]
-
-
-def crafted_pngs(good):
-    return {
-        "gama-empty.png": png_with_chunk(good, b"gAMA", b""),
-        "phys-short.png": png_with_chunk(good, b"pHYs", b"\x01"),
-        "ztxt-bomb.png": png_with_chunk(good, b"zTXt", b"Comment\0\0" + zlib.compress(b" " * 50_000_000, 9)),
-    }
-
 
 def test_crafted_pngs_fail_alone(trained, tmp_path):
     model, _, digits = trained

@@ -7,8 +7,7 @@ import time
 
 import pytest
 import torch
-from conftest import REPO
-from test_train import read_metrics, run_train
+from conftest import REPO, read_metrics, run_train
 
 from s5.checkpoints import load_checkpoint
 from s5.data import FastMNISTLoader

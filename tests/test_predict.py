@@ -7,9 +7,8 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, as_photo
+from conftest import REPO, as_photo, crafted_pngs, zip_bomb
 from PIL import Image
-from test_digits import crafted_pngs
 
 
 def predict(*args, **kw):
@@ -98,7 +97,6 @@ def test_unknown_device_is_one_line(trained, tmp_path):
 # --- robustness, round 3 -------------------------------------------------------------------------------------------
 
 def test_zip_bomb_checkpoint_is_refused_in_one_line(tmp_path):
-    from test_checkpoints import zip_bomb
 
     from model import Net
 

@@ -1,5 +1,4 @@
 """train.py end to end, in subprocesses, as a user runs it (one in-process test counts plot redraws)."""
-import csv
 import os
 import resource
 import shutil
@@ -10,23 +9,12 @@ import time
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, assert_one_line_error, read_metrics, run_train
 
 from s5 import plots
 from s5.checkpoints import load_checkpoint
 from s5.files import RunDir
 from s5.mnist import raw_dir
-
-
-def run_train(*args, **kw):
-    return subprocess.run([sys.executable, str(REPO / "train.py"), "--no-progress", *map(str, args)],
-                          capture_output=True, text=True, cwd=REPO, **kw)
-
-
-def read_metrics(path):
-    with open(path) as f:
-        return list(csv.DictReader(f))
-
 
 SMALL = ["--recipe", "fast", "--lr", "0.05", "--train-subset", "2048", "--batch-size", "64", "--seed", "3",
          "--deterministic"]
@@ -96,6 +84,7 @@ def test_divergence_stops_with_message_and_keeps_good_checkpoint(tmp_path, mnist
         assert all(x == x for x in load_checkpoint(out / "last.pt")["history"]["train_loss"])
 
 
+@pytest.mark.slow  # a new process each
 @pytest.mark.parametrize("content,match", [
     (b"not a checkpoint", "not a readable checkpoint"),
     (None, "no checkpoint at"),
@@ -109,6 +98,7 @@ def test_bad_resume_file_one_line_error(tmp_path, content, match):
     assert len(done.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow  # a new process each
 def test_missing_data_is_one_line_error(tmp_path):
     bad = tmp_path / "root"
     raw_dir(bad).mkdir(parents=True)
@@ -136,14 +126,6 @@ def test_accuracy_plot_redrawn_at_most_every_plot_every_s(tmp_path, mnist_root, 
 # --- robustness: every bad input is a one-line error, and nothing is lost ---------------------------------------
 
 TINY = ["--recipe", "seed", "--train-subset", "256", "--batch-size", "64", "--seed", "3", "--deterministic"]
-
-
-def assert_one_line_error(done, code, *needles):
-    assert done.returncode == code, (done.returncode, done.stderr[-2000:])
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr[-2000:]
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
 
 
 def main_in_process(capsys, *args):
@@ -183,6 +165,7 @@ def test_impossible_flags_fail_before_any_work(tmp_path, capsys, flags, needle):
     assert not (tmp_path / "data").exists() and not (tmp_path / "out").exists()  # nothing read, nothing made
 
 
+@pytest.mark.slow  # a new process each
 def test_impossible_flag_from_the_command_line(tmp_path):
     done = run_train("--lr", "nan", "--data-dir", tmp_path / "data")
     assert_one_line_error(done, 2, "argument --lr: nan is out of range: give a number above 0")
@@ -530,6 +513,7 @@ def free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # a new process each
 @pytest.mark.parametrize("variables, needle", [
     ({"RANK": "1", "WORLD_SIZE": "1"}, "RANK=1 is out of range"),
     ({"RANK": "abc", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"},
@@ -549,6 +533,7 @@ def test_inconsistent_torchrun_variables_are_named(tmp_path, variables, needle):
     assert "--device" not in done.stderr and not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow  # a new process each
 def test_a_missing_process_is_waited_for_a_bounded_time(tmp_path):
     """RANK=0 of WORLD_SIZE=2 with nobody else: said after S5_JOIN_TIMEOUT_S, instead of a traceback after 5 min."""
     env = launch_env(RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
