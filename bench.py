@@ -2,6 +2,7 @@
 
     python bench.py                    # training and evaluation img/s, ratios
     python bench.py --time-to-target   # also: the fast recipe's wall-clock time to 99.3% (runs train.py)
+    python bench.py --recipe fast --seeds 10 [--val-split 10000]   # a recipe's accuracy over 10 seeds
 
 Training: the same Net and SGD step, fed by (1) the classic torchvision DataLoader with per-image PIL
 augmentation, 2 workers, fp32, with glibc's default malloc settings: the original notebook's pipeline;
@@ -10,6 +11,10 @@ tensor loader in fp32; (4) the fast loader with mixed precision (bf16 autocast w
 it) and channels_last. Evaluation: the original pipeline against the fastest one. Last, each convolution
 alone in the fastest setting (forward, weight gradient, input gradient), which bounds what any pipeline
 can reach on this machine. Prints a table and, last, one JSON line with every figure and the machine.
+
+With --seeds N it measures accuracy instead: the recipe trained with seeds 1..N (or from --first-seed), one run
+after another in runs/sweep-<recipe>-<time>/seed-N, each run's final test accuracy and seconds, then the mean,
+standard deviation, minimum and how many reached --target; a JSON line last.
 """
 
 import argparse
@@ -27,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from model import INPUT_SHAPE, Net
-from s5 import cli, data, engine, evaluation, mnist
+from s5 import cli, config, data, engine, evaluation, files, mnist, run, sweep
 from s5.device import amp_dtype_for, cpu_name, get_device, keep_freed_memory
 
 
@@ -154,9 +159,51 @@ def accuracy_percent(text):
 accuracy_percent.__name__ = "percentage"
 
 
+def seeds_main(args):
+    """The recipe over --seeds seeds: each run's figures as it ends, then the summary and one JSON line."""
+    try:
+        run_config = config.RunConfig.build(args.recipe, epochs=args.epochs, batch_size=args.batch_size,
+                                            train_subset=args.train_subset, val_split=args.val_split,
+                                            device=args.device, data_dir=args.data_dir, progress=False)
+        device = get_device(args.device)
+        seconds = sweep.estimate_seconds(run_config, device, args.seeds)
+    except config.ConfigError as e:
+        cli.fail(cli.config_message(e))
+    except (ValueError, mnist.MNISTDataError) as e:
+        cli.fail(e)
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
+    folder = Path(config.RUNS_DIR) / f"sweep-{run_config.name}-{files.timestamp()}"
+    print(f"{args.seeds} runs of {run_config.recipe} on {cpu_name() if device.type == 'cpu' else device}: about "
+          f"{seconds / 60:.0f} min (from 8 timed steps); runs in {folder}/", flush=True)
+    try:
+        results = sweep.sweep(run_config, device, seeds, folder)
+    except KeyboardInterrupt:
+        cli.fail(f"interrupted; the finished runs are in {folder}/", cli.EXIT_INTERRUPTED)
+    except (run.RunStoppedError, files.OutputError, config.ConfigError, ValueError) as e:
+        cli.fail(f"a run of the sweep stopped: {e}", cli.EXIT_FAILED)
+    for r in results:
+        val = f", validation {r['val_acc']:.2f}%" if r["val_acc"] is not None else ""
+        print(f"seed {r['seed']}: test {r['test_acc']:.2f}%{val}, {r['seconds']:.0f} s")
+    seconds = [r["seconds"] for r in results]
+    stats = {"test_acc": sweep.summary([r["test_acc"] for r in results], args.target),
+             "seconds": {"mean": sum(seconds) / len(seconds), "min": min(seconds), "max": max(seconds)}}
+    if args.val_split:
+        stats["val_acc"] = sweep.summary([r["val_acc"] for r in results], args.target)
+        print(sweep.format_summary("validation", stats["val_acc"]))
+    print(sweep.format_summary("test", stats["test_acc"]))
+    print(f"seconds a run: mean {stats['seconds']['mean']:.0f}, min {stats['seconds']['min']:.0f}, max "
+          f"{stats['seconds']['max']:.0f}")
+    machine = {"cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__,
+               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+    print(json.dumps({"config": run_config.to_dict(), "seeds": list(seeds), "runs": results, **stats, **machine},
+                     allow_nan=False))
+    return 0
+
+
 def main(argv=None):
     p = cli.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=cli.HelpFormatter)
-    p.add_argument("--batch-size", type=cli.whole_number(1), default=512, help="training batch size (the original's)")
+    p.add_argument("--batch-size", type=cli.whole_number(1, config.TRAIN_IMAGES),
+                   help="training batch size (default: 512, the original's; with --seeds the recipe's)")
     # The classic loader has workers x 2 batches prefetched when timing starts; with fewer than about ten timed
     # batches those free ones, and one step's jitter, make the ratios noise (--batches 1 printed 23x).
     p.add_argument("--batches", type=cli.whole_number(MIN_BATCHES), default=60,
@@ -167,8 +214,20 @@ def main(argv=None):
                    help="classic DataLoader workers (the original's 2)")
     p.add_argument("--time-to-target", action="store_true", help="also time the fast recipe to --target")
     p.add_argument("--target", type=accuracy_percent, default=99.3,
-                   help="test accuracy (%%) for --time-to-target")
+                   help="test accuracy (%%) for --time-to-target and --seeds")
+    sweep_flags = p.add_argument_group("accuracy over seeds")
+    sweep_flags.add_argument("--seeds", type=cli.whole_number(1, 1000), help="train the recipe with N seeds instead")
+    sweep_flags.add_argument("--first-seed", type=cli.whole_number(0, 2**32 - 1000), default=1, help="first seed")
+    sweep_flags.add_argument("--recipe", choices=sorted(config.RECIPES), default="fast", help="recipe to train")
+    sweep_flags.add_argument("--epochs", type=cli.whole_number(1), help="epochs (default: the recipe's)")
+    sweep_flags.add_argument("--train-subset", type=cli.whole_number(1, config.TRAIN_IMAGES),
+                             help="train on the first N training images")
+    sweep_flags.add_argument("--val-split", type=cli.whole_number(0, config.TRAIN_IMAGES - 1), default=0,
+                             help="hold out N training images for validation in every run")
     args = p.parse_args(argv)
+    if args.seeds:
+        return seeds_main(args)
+    args.batch_size = args.batch_size or 512
     if args.batches < 4 * args.workers:
         p.error(f"argument --batches: {args.batches} is too few for --workers {args.workers}: the classic loader has "
                 f"{2 * args.workers} batches prefetched when timing starts; give {4 * args.workers} or more")

@@ -45,7 +45,11 @@ def build_parser():
     p.add_argument("--out", help="output folder, new or empty (default: a new runs/<recipe>-<date>-<time>); with "
                    "--resume, continue the run there instead of in its own folder")
     p.add_argument("--train-subset", type=cli.whole_number(1, config.TRAIN_IMAGES),
-                   help="train on the first N training images")
+                   help="train on the first N training images (after --val-split)")
+    p.add_argument("--val-split", type=cli.whole_number(0, config.TRAIN_IMAGES - 1),
+                   help="hold out N training images, drawn by --seed, to evaluate every epoch (and choose best.pt) "
+                   "on; the test set is then evaluated once, at the end (default: 0, the test set every epoch, as "
+                   "the original)")
     p.add_argument("--loader", choices=config.LOADERS, help="fast = tensors on the device, batched augmentation; "
                    "classic = torchvision DataLoader (default: fast)")
     p.add_argument("--workers", type=cli.whole_number(0, 256), help=f"DataLoader workers, classic loader only "
@@ -86,7 +90,7 @@ def main(argv=None):
     for sig in (signal.SIGTERM, signal.SIGHUP):  # a job scheduler's stop, a closed terminal: as Ctrl-C
         signal.signal(sig, _interrupt)
     try:
-        history, folder = run.run(run_config, dev, ctx=ctx, resume=resume, resume_path=resume_path, started=started)
+        result = run.run(run_config, dev, ctx=ctx, resume=resume, resume_path=resume_path, started=started)
     except run.RunStoppedError as e:
         stopped(ctx, e, run_config)
     except files.OutputError as e:
@@ -101,8 +105,10 @@ def main(argv=None):
         for sig in (signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, signal.SIG_DFL)
         distributed.teardown()
-    say(ctx, f"final test accuracy {history['test_acc'][-1]:.2f}% (best {max(history['test_acc']):.2f}%), "
-             f"{history['elapsed_seconds'][-1]:.0f} s; outputs in {folder}/")
+    history, evaluated = result.history, "val" if run_config.val_split else "test"
+    say(ctx, f"final test accuracy {result.test_acc:.2f}% ({'best validation' if run_config.val_split else 'best'} "
+             f"{max(history[evaluated + '_acc']):.2f}%), {history['elapsed_seconds'][-1]:.0f} s; "
+             f"outputs in {result.folder}/")
 
 
 OUT_ADVICE = {

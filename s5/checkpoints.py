@@ -188,7 +188,7 @@ def read_resumable(path, model):
         raise CheckpointError(f"{path} says {epoch!r} epochs are done, not 0 to {config.epochs}: it is damaged; "
                               "use another checkpoint")
     try:
-        history = new_history(state["history"])
+        history = new_history(state["history"], "val" if config.val_split else "test")
     except (ValueError, TypeError, AttributeError) as e:
         raise CheckpointError(f"{path} holds a damaged history ({e}): use another checkpoint") from None
     if history["epoch"] != list(range(1, epoch + 1)):

@@ -5,7 +5,9 @@ classic notebook's `train`/`test`, which fill lists and print, are thin adapters
 the process stands among several (torchrun) is the `ctx` the entry point passes; nothing here looks it up.
 """
 
+import functools
 import math
+import sys
 import time
 
 import torch
@@ -93,10 +95,19 @@ def steps_per_batch(scheduler):
     return isinstance(scheduler, PER_BATCH)
 
 
-def get_loss(loss_name="nll_loss"):
+def get_loss(loss_name="nll_loss", label_smoothing=0.0):
+    """The loss by name; with `label_smoothing` > 0, cross-entropy against smoothed targets, in fp32 (the Net's
+    log-probabilities are their own log-softmax, so this is the smoothed NLL)."""
     if loss_name not in LOSSES:
         raise ValueError(f"unknown loss {loss_name!r}: use one of {', '.join(LOSSES)}")
+    _check_number("label_smoothing", label_smoothing, low_ok=True, high=1.0)
+    if label_smoothing:
+        return functools.partial(_smoothed, label_smoothing=label_smoothing)
     return LOSSES[loss_name]
+
+
+def _smoothed(log_probs, target, label_smoothing):
+    return F.cross_entropy(log_probs.float(), target, label_smoothing=label_smoothing)
 
 
 def build_training(model, recipe, steps_per_epoch, verbose=False):
@@ -106,7 +117,7 @@ def build_training(model, recipe, steps_per_epoch, verbose=False):
     scheduler = get_scheduler(optimizer, recipe.step_size, recipe.gamma, verbose, name=recipe.scheduler,
                               max_lr=recipe.lr, total_steps=recipe.epochs * steps_per_epoch,
                               pct_start=recipe.pct_start)
-    return optimizer, scheduler, get_loss("nll_loss")
+    return optimizer, scheduler, get_loss("nll_loss", recipe.label_smoothing)
 
 
 def count_correct(pred, labels):
@@ -216,22 +227,48 @@ def evaluate(model, loader, criterion, *, device, ctx=SINGLE, amp_dtype=None, pr
     return loss_sum / n, 100.0 * n_correct / n, int(n_correct), int(n)
 
 
-def report_line(loss, n_correct, n):
-    """The original notebook's line after each evaluation."""
-    return f"Test set: Average loss: {loss:.4f}, Accuracy: {n_correct}/{n} ({100.0 * n_correct / n:.2f}%)"
+def report_line(loss, n_correct, n, eval_name="test"):
+    """The original notebook's line after each evaluation ("Validation set" for held-out training images)."""
+    images = "Validation" if eval_name == "val" else "Test"
+    return f"{images} set: Average loss: {loss:.4f}, Accuracy: {n_correct}/{n} ({100.0 * n_correct / n:.2f}%)"
+
+
+COLLAPSED_BELOW = 30.0  # % training accuracy over the 10 batches after the warm-up: chance is 10%
+
+
+def collapse_warning(history, steps_per_epoch, warmup_steps):
+    """A one-line warning if the training accuracy over the 10 batches after the warm-up was below
+    COLLAPSED_BELOW (measured over 65 short runs: every run under 28% there ended at 65% or less, every run at
+    33% or more reached 87% or more); None while that window is not recorded yet, or when the run learns."""
+    for step_epoch, acc in zip(history["step_epoch"], history["step_train_acc"]):
+        step = round(step_epoch * steps_per_epoch)
+        if step >= warmup_steps + REFRESH_EVERY:
+            if acc >= COLLAPSED_BELOW:
+                return None
+            return (f"training accuracy is {acc:.0f}% at step {step}, after the warm-up: the run looks collapsed "
+                    "(most ReLUs dead after a gradient spike at the peak learning rate) and may stay near chance; "
+                    "try a lower learning rate or a longer warm-up")
+    return None
 
 
 # One record of a run: the history's keys are metrics.csv's columns (one row an epoch) and steps.csv's (a row
 # every REFRESH_EVERY batches), with how each is written there.
-EPOCH_RECORD = {"epoch": "d", "lr": ".6g", "train_loss": ".6f", "train_acc": ".2f", "test_loss": ".6f",
-                "test_acc": ".2f", "train_seconds": ".2f", "elapsed_seconds": ".2f"}
+def epoch_record(eval_name="test"):
+    """metrics.csv's columns and formats, the per-epoch evaluation named after its images: "test", or "val" for a
+    run that holds out a validation split (its test set is then evaluated once, at the end)."""
+    return {"epoch": "d", "lr": ".6g", "train_loss": ".6f", "train_acc": ".2f", f"{eval_name}_loss": ".6f",
+            f"{eval_name}_acc": ".2f", "train_seconds": ".2f", "elapsed_seconds": ".2f"}
+
+
+EPOCH_RECORD = epoch_record("test")
 STEP_RECORD = {"step_epoch": ".4f", "step_lr": ".6g", "step_train_loss": ".6f", "step_train_acc": ".2f"}
 _OLD_HISTORY_KEYS = {"train_losses": "train_loss", "test_losses": "test_loss"}  # checkpoints before the rename
 
 
-def new_history(saved=None):
+def new_history(saved=None, eval_name="test"):
     """An empty history, or a saved one (older spellings renamed) checked: one number per epoch and step."""
-    history = {k: [] for k in {**EPOCH_RECORD, **STEP_RECORD}}
+    record = epoch_record(eval_name)
+    history = {k: [] for k in {**record, **STEP_RECORD}}
     if saved is not None and not isinstance(saved, dict):
         raise ValueError("the history is not a mapping")
     for key, values in (saved or {}).items():
@@ -243,7 +280,7 @@ def new_history(saved=None):
         history[key] = list(values)
     if not all(isinstance(e, int) for e in history["epoch"]):
         raise ValueError("the history's epochs are not whole numbers")
-    if len({len(history[k]) for k in EPOCH_RECORD}) != 1:
+    if len({len(history[k]) for k in record}) != 1:
         raise ValueError("the saved history does not have one value of each metric per epoch")
     if len({len(history[k]) for k in STEP_RECORD}) != 1:
         raise ValueError("the saved history does not have one value of each metric per step")
@@ -251,20 +288,24 @@ def new_history(saved=None):
 
 
 def fit(model, device, train_loader, test_loader, optimizer, scheduler, criterion, epochs, *, ctx=SINGLE,
-        history=None, start_epoch=1, amp_dtype=None, on_epoch_end=None, progress=True, started=None):
+        history=None, start_epoch=1, amp_dtype=None, on_epoch_end=None, progress=True, started=None,
+        eval_name="test", warmup_steps=0):
     """The epoch loop of every run: train, evaluate, step an epoch-wise scheduler, record.
 
     Appends one value of each EPOCH_RECORD key per epoch to `history` (a new one when None) and returns it,
     then calls `on_epoch_end(epoch, history)` (a run saves checkpoints there). Starting at `start_epoch`
     with a restored `history` continues a run. `elapsed_seconds` counts from `started` (a time.perf_counter()
     value; default: now), plus the elapsed time the restored history already holds. Per-batch schedulers are
-    stepped every batch, ReduceLROnPlateau with the epoch's test loss, the others once an epoch.
+    stepped every batch, ReduceLROnPlateau with the epoch's test loss, the others once an epoch. The evaluation
+    (always the plain NLL) is recorded as `eval_name`_loss/_acc: "val" when `test_loader` holds validation images.
+    After `warmup_steps` (and 10 more), a run still at chance gets a warning (see `collapse_warning`).
     """
     device = torch.device(device)
     for name, value in (("epochs", epochs), ("start_epoch", start_epoch)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}={value!r}: give a positive whole number")
-    history = new_history() if history is None else history
+    history = new_history(eval_name=eval_name) if history is None else history
+    warned = False
     started = time.perf_counter() if started is None else started
     elapsed_before = history["elapsed_seconds"][-1] if history["elapsed_seconds"] else 0.0
     per_batch = steps_per_batch(scheduler)
@@ -283,15 +324,22 @@ def fit(model, device, train_loader, test_loader, optimizer, scheduler, criterio
                                             scaler=scaler, progress=progress, steps=history,
                                             epoch_before=epoch - 1)
         train_seconds = time.perf_counter() - t0
-        test_loss, test_acc, n_correct, n = evaluate(model, test_loader, criterion, device=device, ctx=ctx,
+        test_loss, test_acc, n_correct, n = evaluate(model, test_loader, F.nll_loss, device=device, ctx=ctx,
                                                      amp_dtype=amp_dtype, progress=progress)
-        say(report_line(test_loss, n_correct, n))
+        say(report_line(test_loss, n_correct, n, eval_name))
+        if not warned:
+            warning = collapse_warning(history, len(train_loader), warmup_steps)
+            if warning:
+                warned = True
+                if ctx.is_main:
+                    print(f"warning: {warning}", file=sys.stderr, flush=True)
         if on_plateau:
             scheduler.step(test_loss)
         elif scheduler is not None and not per_batch:
             scheduler.step()
         for key, value in (("epoch", epoch), ("lr", lr), ("train_loss", train_loss), ("train_acc", train_acc),
-                           ("test_loss", test_loss), ("test_acc", test_acc), ("train_seconds", train_seconds),
+                           (f"{eval_name}_loss", test_loss), (f"{eval_name}_acc", test_acc),
+                           ("train_seconds", train_seconds),
                            ("elapsed_seconds", elapsed_before + time.perf_counter() - started)):
             history[key].append(value)
         if on_epoch_end is not None:

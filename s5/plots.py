@@ -55,11 +55,12 @@ def post_display(train_loader, save_path=None):
     return _finish(fig, save_path)
 
 
-def post_accuracyplots(train_losses, test_losses, train_acc, test_acc, save_path=None):
-    """The original 2x2 figure: training loss, training accuracy, test loss, test accuracy."""
+def post_accuracyplots(train_losses, test_losses, train_acc, test_acc, save_path=None, *, evaluated_on="Test"):
+    """The original 2x2 figure: training loss, training accuracy, test loss, test accuracy (`evaluated_on`
+    "Validation" names the bottom row for a run that evaluated held-out training images each epoch)."""
     fig, axs = plt.subplots(2, 2, figsize=(15, 10))
     panels = [(train_losses, "Training Loss"), (train_acc, "Training Accuracy"),
-              (test_losses, "Test Loss"), (test_acc, "Test Accuracy")]
+              (test_losses, f"{evaluated_on} Loss"), (test_acc, f"{evaluated_on} Accuracy")]
     for ax, (values, title) in zip(axs.flat, panels):
         ax.plot(range(1, len(values) + 1), values, marker="o" if len(values) < 30 else None)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
@@ -69,7 +70,7 @@ def post_accuracyplots(train_losses, test_losses, train_acc, test_acc, save_path
     return _finish(fig, save_path)
 
 
-def plot_training(steps, test_losses, test_acc, save_path=None):
+def plot_training(steps, test_losses, test_acc, save_path=None, *, evaluated_on="test"):
     """Loss and accuracy every few batches (lines) with the test set's after each epoch (dots), and the
     learning rate, on a fractional-epoch axis. `steps` holds the STEP_RECORD lists (a history, or the dict
     given to `train(..., steps=)`); the test lists have one value per epoch, drawn at the epoch's end."""
@@ -78,7 +79,7 @@ def plot_training(steps, test_losses, test_acc, save_path=None):
     for ax, key, test, title, unit in ((axs[0], "step_train_loss", test_losses, "Loss", "loss"),
                                        (axs[1], "step_train_acc", test_acc, "Accuracy", "accuracy (%)")):
         ax.plot(x, steps[key], lw=1, label="train (every few batches)")
-        ax.plot(epochs, test, "o-", label="test (each epoch)")
+        ax.plot(epochs, test, "o-", label=f"{evaluated_on} (each epoch)")
         ax.set(title=title, xlabel="epoch", ylabel=unit)
         ax.legend()
     if test_acc:  # the interesting end of the scale: the test points and the later half of training

@@ -11,9 +11,11 @@ run that wrote the checkpoint, and only from its latest checkpoint; elsewhere in
 Under torchrun every process calls `run` with its `ctx`; rank 0 alone claims, prints and writes.
 """
 
+import json
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import NamedTuple
 
 import matplotlib.pyplot as plt
 import torch
@@ -29,6 +31,14 @@ from s5.mnist import ensure_mnist, load_split
 
 PLOT_EVERY_S = 30.0  # redraw accuracy_plots.png at most this often: a redraw can take most of a GPU epoch
 TEST_BATCH = 256  # evaluation batch (rounded up to a multiple of the number of processes)
+
+
+class RunResult(NamedTuple):
+    """What a finished run gives back: its history, folder, and the test set's figures at the end."""
+    history: dict
+    folder: Path
+    test_loss: float
+    test_acc: float
 
 
 class RunStoppedError(Exception):
@@ -69,22 +79,40 @@ def claim_folder(config, resume=None, resume_path=None):
 
 
 def make_loaders(config, device, ctx):
-    """The training and test loaders of the configuration, on `device`, sharded for `ctx`'s processes."""
+    """The training, validation (None without a split) and test loaders of the configuration, on `device`,
+    sharded for `ctx`'s processes."""
     shard = (ctx.rank, ctx.world_size)
     images, labels = load_split(True, config.data_dir)
+    held_out = None
+    if config.val_split:
+        (images, labels), held_out = split_images(images, labels, config.val_split, config.seed)
     if config.train_subset is not None:
         images, labels = images[:config.train_subset], labels[:config.train_subset]
     common = {"loader": config.loader, "device": device, "workers": config.workers, "pin_memory": True,
               "shard": shard}
     train_loader = make_loader(images, labels, batch_size=config.recipe.batch_size, train=True, seed=config.seed,
                                **common)
-    test_batch = -(-TEST_BATCH // ctx.world_size) * ctx.world_size
-    test_loader = make_loader(*load_split(False, config.data_dir), batch_size=test_batch, train=False, **common)
-    return train_loader, test_loader
+    eval_batch = -(-TEST_BATCH // ctx.world_size) * ctx.world_size
+    val_loader = make_loader(*held_out, batch_size=eval_batch, train=False, **common) if held_out else None
+    test_loader = make_loader(*load_split(False, config.data_dir), batch_size=eval_batch, train=False, **common)
+    return train_loader, val_loader, test_loader
+
+
+def split_images(images, labels, held_out, seed):
+    """(kept, held out): `held_out` training images drawn by `seed` (the same ones for every run with that seed),
+    both in their original order."""
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    keep, hold = order[held_out:].sort().values, order[:held_out].sort().values
+    return (images[keep], labels[keep]), (images[hold], labels[hold])
+
+
+def warmup_steps(recipe, steps_per_epoch):
+    """Optimizer steps before the learning rate peaks: one-cycle's warm-up; none for a step schedule."""
+    return int(recipe.pct_start * recipe.epochs * steps_per_epoch) if recipe.scheduler == "OneCycleLR" else 0
 
 
 def run(config, device, *, ctx=engine.SINGLE, resume=None, resume_path=None, started=None):
-    """Train the run `config` describes on `device` (a torch.device); returns (history, folder).
+    """Train the run `config` describes on `device` (a torch.device); returns a RunResult.
 
     `resume` is a `checkpoints.Resumable` read from `resume_path` (its configuration already merged into
     `config`). Raises OutputError when the folder cannot be claimed (nothing written), ConfigError,
@@ -107,7 +135,7 @@ def run(config, device, *, ctx=engine.SINGLE, resume=None, resume_path=None, sta
     folder = Path(shared[0])
     config = replace(config, out=str(folder))
     try:
-        return _train(config, device, ctx, resume, resume_path, claimed, folder, started), folder
+        return RunResult(*_train(config, device, ctx, resume, resume_path, claimed, folder, started))
     except (engine.TrainingDivergedError, OutputError, KeyboardInterrupt, OutOfMemoryError) as e:
         raise RunStoppedError(e, folder, _last(claimed, folder)) from e
     except (MemoryError, RuntimeError) as e:
@@ -158,10 +186,11 @@ def _train(config, device, ctx, resume, resume_path, run_dir, folder, started):
     if ctx.local_rank == 0:
         ensure_mnist(config.data_dir)  # one fetch a machine, before its other processes read
     distributed.barrier(ctx)
-    train_loader, test_loader = make_loaders(config, device, ctx)
+    train_loader, val_loader, test_loader = make_loaders(config, device, ctx)
+    eval_name = "val" if val_loader is not None else "test"  # what each epoch is measured on (and best.pt chosen by)
     optimizer, scheduler, criterion = engine.build_training(model, config.recipe, len(train_loader),
                                                             verbose=ctx.is_main)
-    history, start_epoch = engine.new_history(), 1
+    history, start_epoch = engine.new_history(eval_name=eval_name), 1
     if resume is not None:
         model.load_state_dict(resume.state["model"])
         optimizer.load_state_dict(resume.state["optimizer"])
@@ -178,37 +207,48 @@ def _train(config, device, ctx, resume, resume_path, run_dir, folder, started):
             return
         save = lambda name: run_dir.write(name, checkpoints.checkpoint_bytes(  # noqa: E731
             model, optimizer, scheduler, epoch, hist, config, run_dir.run_id))
-        if hist["test_acc"][-1] > max(hist["test_acc"][:-1], default=-1.0):
+        if hist[f"{eval_name}_acc"][-1] > max(hist[f"{eval_name}_acc"][:-1], default=-1.0):
             save("best.pt")  # before last.pt: a kill between the two never leaves best.pt behind last.pt
         save("last.pt")
-        run_dir.write("metrics.csv", csv_bytes(hist, engine.EPOCH_RECORD))
+        run_dir.write("metrics.csv", csv_bytes(hist, engine.epoch_record(eval_name)))
         run_dir.write("steps.csv", csv_bytes(hist, engine.STEP_RECORD))
         now = time.perf_counter()
         if epoch == config.epochs or now - plotted_at >= PLOT_EVERY_S:
             plotted_at = now
-            draw_curves(run_dir, hist)
+            draw_curves(run_dir, hist, eval_name)
 
     # Data-parallel: gradients averaged across processes; checkpoints save the plain `model` (no "module.").
     trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if ctx.active else model
-    engine.fit(trained, device, train_loader, test_loader, optimizer, scheduler, criterion, config.epochs, ctx=ctx,
-               history=history, start_epoch=start_epoch, amp_dtype=amp_dtype, on_epoch_end=on_epoch_end,
-               progress=config.progress, started=started)
+    engine.fit(trained, device, train_loader, val_loader or test_loader, optimizer, scheduler, criterion,
+               config.epochs, ctx=ctx, history=history, start_epoch=start_epoch, amp_dtype=amp_dtype,
+               on_epoch_end=on_epoch_end, progress=config.progress, started=started, eval_name=eval_name,
+               warmup_steps=warmup_steps(config.recipe, len(train_loader)))
+    if val_loader is not None:  # the test set, once, for the final figure (choices were made on validation)
+        test_loss, test_acc, n_correct, n = engine.evaluate(model, test_loader, torch.nn.functional.nll_loss,
+                                                             device=device, ctx=ctx, amp_dtype=amp_dtype,
+                                                             progress=False)
+        say(engine.report_line(test_loss, n_correct, n, "test") + " (the test set, evaluated once, at the end)")
+    else:
+        test_loss, test_acc = history["test_loss"][-1], history["test_acc"][-1]
+    if run_dir is not None:
+        run_dir.write("final.json", (json.dumps({"test_loss": test_loss, "test_acc": test_acc, "epochs": config.epochs,
+                                                 "evaluated_on": eval_name}) + "\n").encode())
     if ctx.active:
         if not distributed.same_on_every_rank(ctx, list(model.parameters())):
             raise distributed.GroupError("the processes ended with different weights: a bug, please report it")
         say(f"weights identical in all {ctx.world_size} processes")
         if run_dir is None:
-            return history
-        test_loader = make_loaders(config, device, engine.SINGLE)[1]  # the gallery needs every test image
+            return history, folder, test_loss, test_acc
+        test_loader = make_loaders(config, device, engine.SINGLE)[2]  # the gallery needs every test image
     if start_epoch > config.epochs:  # a finished run resumed: its curves are drawn again with the rest
-        draw_curves(run_dir, history)
+        draw_curves(run_dir, history, eval_name)
     run_dir.write("model.pt", checkpoints.weights_bytes(model))
     predictions = evaluation.predict_loader(model, test_loader, device, amp_dtype, keep_images=True)  # 1 pass, 2 plots
     confusion = evaluation.confusion_matrix(predictions)
     _write_figure(run_dir, "confusion_matrix.png", plots.plot_confusion_matrix(confusion))
     _write_figure(run_dir, "misclassified.png", plots.plot_misclassified(evaluation.misclassified(predictions, 24)))
-    return history
+    return history, folder, test_loss, test_acc
 
 
 def csv_bytes(history, record):
@@ -227,9 +267,10 @@ def _write_figure(run_dir, name, fig):
         plt.close(fig)
 
 
-def draw_curves(run_dir, history):
+def draw_curves(run_dir, history, eval_name="test"):
     """accuracy_plots.png (the original 2x2 per-epoch figure) and training_curves.png (every few batches)."""
+    losses, accs = history[f"{eval_name}_loss"], history[f"{eval_name}_acc"]
+    label = "validation" if eval_name == "val" else "test"
     _write_figure(run_dir, "accuracy_plots.png", plots.post_accuracyplots(
-        history["train_loss"], history["test_loss"], history["train_acc"], history["test_acc"]))
-    _write_figure(run_dir, "training_curves.png", plots.plot_training(history, history["test_loss"],
-                                                                     history["test_acc"]))
+        history["train_loss"], losses, history["train_acc"], accs, evaluated_on=label.capitalize()))
+    _write_figure(run_dir, "training_curves.png", plots.plot_training(history, losses, accs, evaluated_on=label))

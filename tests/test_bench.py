@@ -43,3 +43,25 @@ def test_flags_out_of_range_are_one_line_errors(flags, message):
                           timeout=600)
     assert done.returncode == 2 and done.stdout == "" and done.stderr.startswith(f"error: {message}")
     assert len(done.stderr.splitlines()) == 1
+
+
+def test_accuracy_over_seeds_prints_each_run_then_a_consistent_summary(mnist_root, tmp_path):
+    """bench.py --seeds on a tiny real budget: each run's line, the summary and the JSON agree with each other."""
+    done = subprocess.run([sys.executable, str(REPO / "bench.py"), "--seeds", "2", "--first-seed", "5",
+                           "--train-subset", "1024", "--epochs", "2", "--val-split", "1000", "--target", "50",
+                           "--data-dir", str(mnist_root)], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.strip().splitlines()
+    assert lines[0].startswith("2 runs of Recipe(name='fast'") and " min (from 8 timed steps)" in lines[0]
+    figures = json.loads(lines[-1])
+    runs = figures["runs"]
+    assert [r["seed"] for r in runs] == [5, 6] and figures["seeds"] == [5, 6]
+    for r in runs:
+        assert f"seed {r['seed']}: test {r['test_acc']:.2f}%, validation {r['val_acc']:.2f}%" in done.stdout
+        assert (tmp_path / r["folder"] / "final.json").exists()
+    accs = [r["test_acc"] for r in runs]
+    assert figures["test_acc"]["mean"] == pytest.approx(sum(accs) / 2)
+    assert figures["test_acc"]["min"] == min(accs) and figures["test_acc"]["reached"] == sum(a >= 50 for a in accs)
+    assert figures["test_acc"]["std"] == pytest.approx(abs(accs[0] - accs[1]) / 2 ** 0.5)
+    assert f"test: mean {figures['test_acc']['mean']:.2f}%" in done.stdout
+    assert figures["config"]["val_split"] == 1000 and figures["config"]["recipe"]["epochs"] == 2

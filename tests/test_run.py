@@ -1,0 +1,75 @@
+"""One run from its configuration: the validation split, the warm-up, and a short budget that must learn."""
+import json
+
+import pytest
+import torch
+from conftest import assert_one_line_error, read_metrics, run_train
+
+from s5 import engine
+from s5.config import RunConfig, get_recipe
+from s5.run import split_images, warmup_steps
+
+
+def test_validation_split_is_disjoint_and_fixed_by_the_seed():
+    images = torch.arange(1000).view(1000, 1, 1).expand(1000, 28, 28).to(torch.int64)  # image i holds i
+    labels = torch.arange(1000)
+    (kept, kept_labels), (held, held_labels) = split_images(images, labels, 100, seed=3)
+    assert len(held) == 100 and len(kept) == 900
+    assert set(held_labels.tolist()).isdisjoint(kept_labels.tolist())
+    assert sorted(held_labels.tolist() + kept_labels.tolist()) == list(range(1000))  # every image, once
+    assert torch.equal(held[:, 0, 0], held_labels) and torch.equal(kept[:, 0, 0], kept_labels)  # pairs kept
+    assert torch.equal(split_images(images, labels, 100, seed=3)[1][1], held_labels)  # same seed, same images
+    assert not torch.equal(split_images(images, labels, 100, seed=4)[1][1], held_labels)
+    assert kept_labels.tolist() == sorted(kept_labels.tolist())  # original order: a subset is a prefix of it
+
+
+def test_warmup_is_counted_in_steps():
+    assert warmup_steps(get_recipe("fast"), 469) == int(0.25 * 2 * 469)
+    assert warmup_steps(get_recipe("seed"), 118) == 0
+
+
+def _history(accuracies, steps_per_epoch=32):
+    history = engine.new_history()
+    for i, acc in enumerate(accuracies, start=1):
+        history["step_epoch"].append(10 * i / steps_per_epoch)
+        history["step_train_acc"].append(acc)
+    return history
+
+
+def test_a_run_at_chance_after_the_warm_up_is_named():
+    collapsed = _history([11, 12, 14, 13, 10])  # rows at steps 10, 20, ..., 50; warm-up of 16 steps
+    warning = engine.collapse_warning(collapsed, 32, 16)
+    assert warning.startswith("training accuracy is 14% at step 30, after the warm-up: the run looks collapsed")
+    assert "lower learning rate" in warning
+    assert engine.collapse_warning(_history([11, 12, 60, 80]), 32, 16) is None  # it learned by then
+    assert engine.collapse_warning(_history([11, 12]), 32, 16) is None  # not measured yet
+
+
+def test_impossible_validation_split(tmp_path, capsys):
+    import train
+
+    with pytest.raises(SystemExit) as stop:
+        train.main(["--val-split", "60000", "--out", str(tmp_path / "o")])
+    assert stop.value.code == 2 and "--val-split: 60000 is out of range" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="train_subset"):
+        RunConfig.build("fast", val_split=10_000, train_subset=55_000)
+
+
+@pytest.mark.slow
+def test_a_short_budget_learns_and_validation_chooses(tmp_path, mnist_root):
+    """`--recipe fast --train-subset 4096 --epochs 2` (64 steps) ended at 16%, 83% and 65% for seeds 1-3 with the
+    old SGD recipe; it must learn now. With a validation split, every epoch is measured on held-out training
+    images and the test set once, at the end."""
+    out = tmp_path / "short"
+    done = run_train("--recipe", "fast", "--train-subset", "4096", "--epochs", "2", "--val-split", "5000",
+                     "--data-dir", mnist_root, "--out", out)
+    assert done.returncode == 0, done.stderr
+    assert "warning" not in done.stderr
+    rows = read_metrics(out / "metrics.csv")
+    assert list(rows[0])[4:6] == ["val_loss", "val_acc"] and len(rows) == 2
+    final = json.loads((out / "final.json").read_text())
+    assert final["evaluated_on"] == "val" and final["test_acc"] >= 90.0, final
+    assert done.stdout.count("Validation set:") == 2 and done.stdout.count("Test set:") == 1
+    assert f"final test accuracy {final['test_acc']:.2f}%" in done.stdout
+    assert_one_line_error(run_train("--resume", out / "last.pt", "--val-split", "10"), 2,
+                          "argument --val-split: cannot change when resuming")
