@@ -40,7 +40,8 @@ def build_parser():
     p.add_argument("--seed", type=cli.whole_number(0, 2**32 - 1), help=f"seed for weights, shuffling and "
                    f"augmentation (default: {DEFAULT.seed})")
     p.add_argument("--deterministic", action="store_true", help="deterministic algorithms (bit-exact resume)")
-    p.add_argument("--device", help="cuda, cuda:N, cpu, or auto: CUDA when present (default: auto)")
+    p.add_argument("--device", help="cpu, cuda, cuda:N, mps, xpu, or auto: the machine's accelerator when there is "
+                   "one, else the CPU (default: auto)")
     p.add_argument("--data-dir", help=f"MNIST root; files go in DIR/MNIST/raw (default: {DEFAULT.data_dir})")
     p.add_argument("--out", help="output folder, new or empty (default: a new runs/<recipe>-<date>-<time>); with "
                    "--resume, continue the run there instead of in its own folder")
@@ -57,7 +58,8 @@ def build_parser():
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, help="bf16/fp16 mixed precision (default: on "
                    "for CPUs with native bf16 and GPUs before Ampere; newer GPUs train fp32 on TF32 tensor cores)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
-                   help="channels_last memory layout for the model (default: on)")
+                   help="channels_last memory layout for the model (default: on for CPUs and CUDA, measured faster "
+                   "there; off on other accelerators)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, help="tqdm bars (default: on)")
     p.add_argument("--resume", metavar="CHECKPOINT", help="continue the run saved in CHECKPOINT (its last.pt)")
     return p

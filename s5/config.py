@@ -122,7 +122,7 @@ class RunConfig:
     workers: int = 2  # classic loader's DataLoader workers
     device: str = "auto"
     amp: bool | None = None  # None: by hardware (s5.device.amp_dtype_for)
-    channels_last: bool = True
+    channels_last: bool | None = None  # None: by device (s5.device.channels_last_for)
     deterministic: bool = False
     progress: bool = True
     data_dir: str = str(DATA_DIR)
@@ -141,10 +141,11 @@ class RunConfig:
             _check_int(self, "train_subset", 1, TRAIN_IMAGES - self.val_split)
         _check_int(self, "workers", 0, 256)
         _check_choice(self, "loader", LOADERS)
-        for name in ("channels_last", "deterministic", "progress"):
+        for name in ("deterministic", "progress"):
             _check_bool(self, name)
-        if self.amp is not None:
-            _check_bool(self, "amp")
+        for name in ("amp", "channels_last"):
+            if getattr(self, name) is not None:
+                _check_bool(self, name)
         _check_str(self, "device")
         _check_str(self, "data_dir")
         if self.out is not None:

@@ -14,6 +14,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 from torchvision import transforms
 
+from s5.device import pins_memory
 from s5.mnist import MNIST_MD5, load_split
 
 MEAN, STD = 0.1307, 0.3081  # of the 60,000 training images' pixels, as the original normalised them
@@ -184,7 +185,7 @@ def make_loader(images, labels, *, batch_size, train, loader="fast", device="cpu
                                drop_last=drop_last, rank=rank, world_size=world_size)
     dataset = MNISTImages(images, labels, get_train_transforms() if train else get_test_transforms())
     options = {"batch_size": batch_size, "num_workers": workers, "drop_last": drop_last,
-               "pin_memory": pin_memory and device.type == "cuda",  # pinned pages only speed copies to a GPU
+               "pin_memory": pin_memory and pins_memory(device),  # pinned pages only speed copies to a GPU
                "persistent_workers": workers > 0,  # start the workers once, not every epoch
                "worker_init_fn": _leave_signals_to_the_main_process if workers > 0 else None, **dataloader_options}
     if world_size > 1:

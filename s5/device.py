@@ -29,26 +29,58 @@ def as_device(device):
     try:
         return torch.device(device)
     except (RuntimeError, TypeError):
-        raise ValueError(f"unknown device {device!r}: use cpu, cuda, cuda:N or auto") from None
+        raise ValueError(f"unknown device {device!r}: use cpu, cuda, cuda:N, mps, xpu or auto") from None
+
+
+def accelerator():
+    """This machine's accelerator type as PyTorch sees it ("cuda", "mps", "xpu", ...), or None: torch.accelerator,
+    which knows every backend, so a new one needs no change here."""
+    found = torch.accelerator.current_accelerator(check_available=True)
+    return found.type if found is not None else None
+
+
+def machine_devices():
+    """What `get_device` can give here, in words: "cpu", or e.g. "cpu and 2 cuda devices (cuda:0 to cuda:1)"."""
+    kind = accelerator()
+    if kind is None:
+        return "cpu only"
+    count = torch.accelerator.device_count()
+    return f"cpu and {count} {kind} device{'s' if count != 1 else ''} ({kind}:0 to {kind}:{count - 1})" \
+        if count > 1 else f"cpu and one {kind} device ({kind})"
 
 
 def get_device(name=None):
-    """The device to run on: CUDA when present and the CPU otherwise for None or "auto", else `name` checked.
+    """The device to run on: for None or "auto" the machine's accelerator (CUDA, MPS, XPU, ... through
+    torch.accelerator) when there is one, else the CPU; otherwise `name` ("cpu", "cuda:1", "mps", ...) checked.
 
-    Raises ValueError with a one-line fix for a device this machine does not have.
+    Raises ValueError with a one-line fix, naming what the machine has, for a device it does not have.
     """
     if name is None or name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        kind = accelerator()
+        return torch.device(kind if kind is not None else "cpu")
     device = as_device(name)
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device {name!r} is not supported here: use cpu, cuda, cuda:N or auto")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {name!r} asked for, but CUDA is not available here: use 'cpu'")
-        if (device.index or 0) >= torch.cuda.device_count():
-            raise ValueError(f"device {name!r} asked for, but this machine has {torch.cuda.device_count()} "
-                             "CUDA device(s): use cuda:0 or cuda")
+    if device.type == "cpu":
+        return device
+    kind = accelerator()
+    if device.type != kind:
+        raise ValueError(f"device {name!r} asked for, but this machine has {machine_devices()}: use "
+                         f"{kind or 'cpu'} or auto")
+    if (device.index or 0) >= torch.accelerator.device_count():
+        raise ValueError(f"device {name!r} asked for, but this machine has {machine_devices()}: use one of those")
     return device
+
+
+def channels_last_for(device, channels_last=None):
+    """Whether to lay the model out channels_last on `device`: measured faster on CPUs (oneDNN) and CUDA GPUs
+    (README: Speed); left off elsewhere (MPS, XPU, ...), unmeasured. True/False force it."""
+    if channels_last is not None:
+        return channels_last
+    return as_device(device).type in ("cpu", "cuda")
+
+
+def pins_memory(device):
+    """Whether pinned host memory speeds copies to `device` (CUDA and XPU; MPS shares memory with the CPU)."""
+    return as_device(device).type in ("cuda", "xpu")
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # mallopt() parameters, from glibc's malloc.h
@@ -100,8 +132,9 @@ def amp_dtype_for(device, amp=None):
     amp=None decides by hardware: bf16 on CPUs with native bf16 instructions (AVX512-BF16/AMX), plain fp32
     on other CPUs, where bf16 is emulated and slower. On CUDA GPUs from Ampere on (compute capability 8.0+)
     fp32, whose convolutions already run on TF32 tensor cores: for a net this small autocast's extra casts
-    cost more than bf16 saves (measured: README, Speed); fp16 with a GradScaler on older GPUs. amp=False
-    forces fp32; amp=True forces mixed precision (bf16 where the GPU has it, else fp16).
+    cost more than bf16 saves (measured: README, Speed); fp16 with a GradScaler on older GPUs. Other
+    accelerators (MPS, XPU, ...) train fp32 unless asked: unmeasured here. amp=False forces fp32; amp=True
+    forces mixed precision (bf16 where the GPU has it, else fp16; fp16 on MPS, bf16 elsewhere).
     """
     device = as_device(device)
     if amp is False:
@@ -110,6 +143,8 @@ def amp_dtype_for(device, amp=None):
         if amp is None and torch.cuda.get_device_capability(device) >= (8, 0):
             return None
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cpu" and (amp or torch.ops.mkldnn._is_mkldnn_bf16_supported()):
-        return torch.bfloat16
+    if device.type == "cpu":
+        return torch.bfloat16 if amp or torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
+    if amp:
+        return torch.float16 if device.type == "mps" else torch.bfloat16
     return None

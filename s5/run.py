@@ -25,7 +25,7 @@ from model import Net
 from s5 import checkpoints, distributed, engine, evaluation, plots
 from s5.config import RUNS_DIR, ConfigError
 from s5.data import make_loader
-from s5.device import amp_dtype_for, keep_freed_memory, set_seed
+from s5.device import amp_dtype_for, channels_last_for, keep_freed_memory, set_seed
 from s5.files import OutputError, RunDir, timestamp
 from s5.mnist import ensure_mnist, load_split
 
@@ -181,7 +181,7 @@ def _train(config, device, ctx, resume, resume_path, run_dir, folder, started):
         + (f", {ctx.world_size} processes (the batch size is global)" if ctx.active else ""))
 
     model = Net().to(device)
-    if config.channels_last:
+    if channels_last_for(device, config.channels_last):
         model = model.to(memory_format=torch.channels_last)
     if ctx.local_rank == 0:
         ensure_mnist(config.data_dir)  # one fetch a machine, before its other processes read

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from model import Net
 from s5 import engine
-from s5.device import amp_dtype_for, keep_freed_memory, set_seed
+from s5.device import amp_dtype_for, channels_last_for, keep_freed_memory, set_seed
 from s5.run import make_loaders, run
 
 
@@ -30,7 +30,7 @@ def estimate_seconds(config, device, seeds, timed_steps=8):
     if device.type == "cpu":
         keep_freed_memory()
     model = Net().to(device)
-    if config.channels_last:
+    if channels_last_for(device, config.channels_last):
         model = model.to(memory_format=torch.channels_last)
     train_loader, val_loader, test_loader = make_loaders(replace(config, loader="fast"), device, engine.SINGLE)
     optimizer, _, criterion = engine.build_training(model, config.recipe, len(train_loader))

@@ -8,7 +8,7 @@ import torch
 from conftest import REPO
 
 from model import Net
-from s5.device import amp_dtype_for, set_seed
+from s5.device import amp_dtype_for, channels_last_for, get_device, pins_memory, set_seed
 
 
 def test_amp_dtype_choice():
@@ -63,3 +63,47 @@ def test_keep_freed_memory_reuses_big_buffers_instead_of_faulting_them_in_again(
     default, kept = page_faults("default"), page_faults("keep")
     assert default > 10 * 16, default  # fresh pages every time (16 is 64 MB in 2 MB huge pages)
     assert kept < default / 4, (kept, default)  # at most a late heap extension or two
+
+
+def pretend_accelerator(monkeypatch, kind, count):
+    """torch.accelerator's answers on a machine with `count` devices of `kind` (this one has none)."""
+    monkeypatch.setattr(torch.accelerator, "current_accelerator",
+                        lambda check_available=False: torch.device(kind) if kind else None)
+    monkeypatch.setattr(torch.accelerator, "device_count", lambda: count if kind else 0)
+
+
+def test_the_cpu_for_real():
+    assert get_device("cpu") == torch.device("cpu")
+    if torch.accelerator.current_accelerator(check_available=True) is None:  # this machine: no accelerator
+        assert get_device() == get_device("auto") == torch.device("cpu")
+        with pytest.raises(ValueError, match="'cuda' asked for, but this machine has cpu only: use cpu or auto"):
+            get_device("cuda")
+
+
+@pytest.mark.parametrize("kind", ["cuda", "mps", "xpu"])
+def test_auto_takes_the_accelerator_pytorch_reports(monkeypatch, kind):
+    pretend_accelerator(monkeypatch, kind, 2)
+    assert get_device() == get_device("auto") == torch.device(kind)
+    assert get_device(f"{kind}:1") == torch.device(kind, 1)
+    assert get_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match=rf"'{kind}:2' asked for, but this machine has cpu and 2 {kind} devices "
+                                         rf"\({kind}:0 to {kind}:1\)"):
+        get_device(f"{kind}:2")
+    other = "mps" if kind != "mps" else "cuda"
+    with pytest.raises(ValueError, match=rf"'{other}' asked for, but this machine has cpu and 2 {kind} devices"):
+        get_device(other)
+
+
+@pytest.mark.parametrize("name", ["tpu", "garbage", "cuda:-1"])
+def test_unknown_device_names_are_one_line(name):
+    with pytest.raises(ValueError) as err:
+        get_device(name)
+    assert "\n" not in str(err.value) and name in str(err.value)
+
+
+def test_precision_and_layout_per_device_type():
+    assert amp_dtype_for("mps") is None and amp_dtype_for("xpu") is None  # unmeasured: fp32
+    assert amp_dtype_for("mps", True) is torch.float16 and amp_dtype_for("xpu", True) is torch.bfloat16
+    assert [channels_last_for(d) for d in ("cpu", "cuda", "mps", "xpu")] == [True, True, False, False]
+    assert channels_last_for("mps", True) and not channels_last_for("cpu", False)
+    assert [pins_memory(d) for d in ("cpu", "cuda", "mps", "xpu")] == [False, True, False, True]
