@@ -11,7 +11,6 @@ misclassified.png. Exit status: 0 done, 1 diverged or could not write, 2 usage o
 """
 
 import argparse
-import signal
 import time
 from pathlib import Path
 
@@ -89,10 +88,9 @@ def main(argv=None):
         fail(ctx, e)
     except ValueError as e:  # the device
         fail(ctx, f"argument --device: {e}")
-    for sig in (signal.SIGTERM, signal.SIGHUP):  # a job scheduler's stop, a closed terminal: as Ctrl-C
-        signal.signal(sig, _interrupt)
     try:
-        result = run.run(run_config, dev, ctx=ctx, resume=resume, resume_path=resume_path, started=started)
+        with cli.stop_like_ctrl_c():
+            result = run.run(run_config, dev, ctx=ctx, resume=resume, resume_path=resume_path, started=started)
     except run.RunStoppedError as e:
         stopped(ctx, e, run_config)
     except files.OutputError as e:
@@ -104,8 +102,6 @@ def main(argv=None):
     except KeyboardInterrupt:
         fail(ctx, "interrupted before the run started", cli.EXIT_INTERRUPTED)
     finally:
-        for sig in (signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, signal.SIG_DFL)
         distributed.teardown()
     history, evaluated = result.history, "val" if run_config.val_split else "test"
     say(ctx, f"final test accuracy {result.test_acc:.2f}% ({'best validation' if run_config.val_split else 'best'} "
@@ -152,9 +148,6 @@ def fail(ctx, message, code=cli.EXIT_USAGE):
         cli.fail(message, code)
     raise SystemExit(code)
 
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt  # SIGTERM/SIGHUP end a run as Ctrl-C does: cleanly, with a message
 
 
 if __name__ == "__main__":

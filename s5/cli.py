@@ -6,7 +6,9 @@ some inputs could not be used (predict.py); 2 a usage or data error, found befor
 """
 
 import argparse
+import contextlib
 import math
+import signal
 import sys
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -73,3 +75,22 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         fail(f"{message} (see {self.prog} --help)")
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)  # a job scheduler's or torchrun's stop; a closed terminal
+
+
+@contextlib.contextmanager
+def stop_like_ctrl_c():
+    """Within the block, SIGTERM and SIGHUP stop this process as Ctrl-C does (a KeyboardInterrupt), so every entry
+    point ends them cleanly, with its one line and exit code 130; the previous handlers come back after it."""
+    previous = {sig: signal.signal(sig, _interrupt) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
