@@ -105,6 +105,20 @@ def test_predict_onnx_usage_errors(trained, exported, tmp_path):
         assert done.stderr.startswith("error: ") and message in done.stderr and len(done.stderr.splitlines()) == 1
 
 
+def test_the_core_install_needs_none_of_the_export_packages(trained, exported):
+    """predict.py with a checkpoint runs where onnx, onnxscript and onnxruntime are missing; --onnx names them."""
+    _, ckpt, _ = trained
+    without = ("import runpy, sys; sys.modules.update(onnx=None, onnxscript=None, onnxruntime=None); "
+               "sys.argv[0] = 'predict.py'; runpy.run_path('predict.py', run_name='__main__')")
+    digit = REPO / "examples" / "digits" / "7.png"
+    done = run("-c", without, ckpt, digit)
+    assert done.returncode == 0 and done.stdout.startswith(f"{digit}: "), done.stderr
+    done = run("-c", without, "--onnx", exported, digit)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr == "error: onnxruntime is not installed: pip install -r requirements-export.txt " \
+                          "(make export does it)\n"
+
+
 def test_another_onnx_model_is_refused(tmp_path):
     path = tmp_path / "other.onnx"
     graph = onnx.helper.make_graph(
