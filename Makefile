@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 ARGS   ?=
 
-.PHONY: train test bench demo notebook notebook-run clean
+.PHONY: train test bench demo export tensorboard notebook notebook-run clean
 
 # One venv; each stamp reinstalls only when its requirements file changes. The core is requirements.txt.
 $(VENV)/.core: requirements.txt
@@ -12,12 +12,21 @@ $(VENV)/.core: requirements.txt
 	$(PY) -m pip install --quiet -r requirements.txt
 	touch $@
 
-$(VENV)/.installed: $(VENV)/.core requirements-dev.txt requirements-demo.txt  # what the tests need
+$(VENV)/.installed: $(VENV)/.core requirements-dev.txt requirements-demo.txt requirements-export.txt \
+                    requirements-tensorboard.txt  # what the tests need
 	$(PY) -m pip install --quiet -r requirements-dev.txt
 	touch $@
 
 $(VENV)/.demo: $(VENV)/.core requirements-demo.txt
 	$(PY) -m pip install --quiet -r requirements-demo.txt
+	touch $@
+
+$(VENV)/.export: $(VENV)/.core requirements-export.txt
+	$(PY) -m pip install --quiet -r requirements-export.txt
+	touch $@
+
+$(VENV)/.tensorboard: $(VENV)/.core requirements-tensorboard.txt
+	$(PY) -m pip install --quiet -r requirements-tensorboard.txt
 	touch $@
 
 $(VENV)/.notebook: $(VENV)/.core requirements-notebook.txt
@@ -36,6 +45,12 @@ bench: $(VENV)/.core  ## throughput of the classic and fast pipelines
 
 demo: $(VENV)/.demo  ## the draw-a-digit page on http://127.0.0.1:7860 for the newest runs/*/best.pt
 	$(PY) demo.py $(ARGS)
+
+export: $(VENV)/.export  ## ONNX model of a checkpoint: make export ARGS="runs/.../best.pt --out model.onnx"
+	$(PY) export.py $(ARGS)
+
+tensorboard: $(VENV)/.tensorboard  ## TensorBoard on http://127.0.0.1:6006 for the runs in runs/
+	$(VENV)/bin/tensorboard --logdir runs --host 127.0.0.1 $(ARGS)
 
 notebook: $(VENV)/.notebook  ## JupyterLab with ipywidgets in the project venv, opening S5.ipynb on the venv's kernel
 	$(VENV)/bin/jupyter lab S5.ipynb $(ARGS)

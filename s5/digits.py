@@ -240,8 +240,11 @@ def expand_image_paths(paths):
 @torch.inference_mode()
 def iter_predictions(model, inputs, device=None):
     """predict_digits one input at a time: each result as soon as it is made."""
-    device = as_device(device) if device is not None else next(model.parameters()).device
-    model.eval()
+    if isinstance(model, torch.nn.Module):
+        device = as_device(device) if device is not None else next(model.parameters()).device
+        model.eval()
+    else:  # the Net exported and run by onnxruntime (s5.export.OnnxNet): it takes CPU tensors
+        device = torch.device("cpu")
     for name, source, error in iter_inputs(inputs):
         result = dict(path=name, digit=None, probability=None, runner_up=None,
                       runner_up_probability=None, input=None, error=error)
@@ -265,6 +268,7 @@ def iter_predictions(model, inputs, device=None):
 
 def predict_digits(model, inputs, device=None):
     """Classify digit images: a path, a folder, a PIL image, a numpy array, a torch tensor, or a list mixing them.
+    `model` is the Net, or anything called like it (s5.export.OnnxNet: the exported Net run by onnxruntime).
     One result dict per image, in order: path (in-memory images: "<image K>", K their place in the list), digit,
     probability, runner_up, runner_up_probability, input (the 28x28 tensor the model saw) and error (None, or
     why the image could not be classified)."""

@@ -1,0 +1,80 @@
+"""TensorBoard logs of a run: its history's scalars and its figures, as event files in the run's folder.
+
+`TensorBoardLog(folder, history)` is given the run's history after every epoch (`epoch(history)`: the whole
+engine.new_history() dict) and writes only the points not yet written, so it can be handed the same growing dict
+each time. A resumed run constructs it with the history its checkpoint holds: those points are taken as written by
+the earlier session, and anything that session wrote after its checkpoint (it died between the two) is purged
+from what TensorBoard shows, so every point appears once.
+
+Every point's global step is in thousandths of an epoch (STEPS_PER_EPOCH): epoch E's scalars at E * 1000, a
+step row at round(step_epoch * 1000). The epoch and the step curves share one x-axis, and a resumed run goes on
+from where its checkpoint stopped instead of starting again at 0.
+
+Tags: epoch/train_loss, epoch/test_loss, epoch/train_acc, epoch/test_acc, epoch/lr; step/train_loss,
+step/train_acc, step/lr (a row every engine.REFRESH_EVERY batches); figures/NAME. Values are stored as float32,
+TensorBoard's classic scalar. SummaryWriter needs the tensorboard package, which the core install leaves out
+(requirements-tensorboard.txt; `make tensorboard` installs it and serves runs/).
+"""
+
+STEPS_PER_EPOCH = 1000
+REQUIREMENTS = "requirements-tensorboard.txt"
+EPOCH_TAGS = {"train_loss": "epoch/train_loss", "test_loss": "epoch/test_loss", "train_acc": "epoch/train_acc",
+              "test_acc": "epoch/test_acc", "lr": "epoch/lr"}  # history key -> tag
+STEP_TAGS = {"step_train_loss": "step/train_loss", "step_train_acc": "step/train_acc", "step_lr": "step/lr"}
+
+
+class TensorBoardMissingError(ImportError):
+    """The tensorboard package is not installed; the message says how to install it."""
+
+
+def global_step(epochs):
+    """The TensorBoard step of a point `epochs` (a whole or fractional number of epochs) into the run."""
+    return round(epochs * STEPS_PER_EPOCH)
+
+
+class TensorBoardLog:
+    """A run's scalars and figures for TensorBoard, written into `folder` (the run's folder).
+
+    `history`: for a resumed run, the history its checkpoint holds (its points were written by the session
+    before); None for a new run. TensorBoardMissingError when the tensorboard package is not installed.
+    """
+
+    def __init__(self, folder, history=None):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise TensorBoardMissingError(f"TensorBoard logs need the tensorboard package: pip install -r "
+                                          f"{REQUIREMENTS} (make tensorboard does it)") from None
+        self.epochs_written = len(history["epoch"]) if history is not None else 0
+        self.steps_written = len(history["step_epoch"]) if history is not None else 0
+        # A resume hides whatever the earlier session wrote after the checkpoint's last epoch.
+        purge_step = global_step(self.epochs_written) + 1 if history is not None else None
+        self.writer = SummaryWriter(str(folder), purge_step=purge_step)
+
+    def epoch(self, history):
+        """Write the points of `history` (the run's whole history, grown since the last call) not yet written."""
+        for i in range(self.epochs_written, len(history["epoch"])):
+            step = global_step(history["epoch"][i])
+            for key, tag in EPOCH_TAGS.items():
+                self.writer.add_scalar(tag, history[key][i], step)
+        for i in range(self.steps_written, len(history["step_epoch"])):
+            step = global_step(history["step_epoch"][i])
+            for key, tag in STEP_TAGS.items():
+                self.writer.add_scalar(tag, history[key][i], step)
+        self.epochs_written, self.steps_written = len(history["epoch"]), len(history["step_epoch"])
+        self.writer.flush()  # on disk now: a run killed later loses nothing it has logged
+
+    def figures(self, **figures):
+        """Add matplotlib figures as images tagged figures/NAME at the latest epoch (they stay open)."""
+        for name, figure in figures.items():
+            self.writer.add_figure(f"figures/{name}", figure, global_step(self.epochs_written), close=False)
+        self.writer.flush()
+
+    def close(self):
+        self.writer.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

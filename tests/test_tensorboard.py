@@ -1,0 +1,102 @@
+"""s5/tensorboard.py: a run's history in TensorBoard's event files, each point once, across a resume, read back
+with TensorBoard's own reader."""
+import sys
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
+
+from s5 import engine
+from s5.tensorboard import EPOCH_TAGS, STEP_TAGS, TensorBoardLog, TensorBoardMissingError, global_step
+
+event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+
+STEP_ROWS = 4  # a row every 10 of 47 batches: 10/47, 20/47, 30/47 and the epoch's end
+
+
+def fake_history(epochs, seed=0):
+    """engine.new_history() as `epochs` epochs of a run fill it: one value a key an epoch, STEP_ROWS step rows."""
+    rng = np.random.default_rng(seed)
+    history = engine.new_history()
+    for e in range(1, epochs + 1):
+        for done in (10, 20, 30, 47):
+            history["step_epoch"].append(e - 1 + done / 47)
+            history["step_lr"].append(0.01 * 0.9 ** e)
+            history["step_train_loss"].append(float(rng.uniform(0, 2)))
+            history["step_train_acc"].append(float(rng.uniform(50, 100)))
+        for key in engine.EPOCH_RECORD:
+            history[key].append(e if key == "epoch" else float(rng.uniform(0, 100)))
+    return engine.new_history(history)
+
+
+def first(history, epochs):
+    """The history as it was after `epochs` epochs (what a checkpoint of that epoch holds)."""
+    return {k: v[:epochs] if k in engine.EPOCH_RECORD else v[:epochs * STEP_ROWS] for k, v in history.items()}
+
+
+def read(folder):
+    acc = event_accumulator.EventAccumulator(str(folder), size_guidance={event_accumulator.SCALARS: 0,
+                                                                         event_accumulator.IMAGES: 0})
+    acc.Reload()
+    return acc
+
+
+def expected_points(history):
+    points = {tag: [(global_step(e), np.float32(v)) for e, v in zip(history["epoch"], history[key])]
+              for key, tag in EPOCH_TAGS.items()}
+    points |= {tag: [(global_step(s), np.float32(v)) for s, v in zip(history["step_epoch"], history[key])]
+               for key, tag in STEP_TAGS.items()}
+    return points
+
+
+@pytest.mark.parametrize("crashed", [False, True], ids=["resumed", "resumed-after-a-crash"])
+def test_two_sessions_write_each_point_once(tmp_path, crashed):
+    history = fake_history(3)
+    figure = plt.figure(figsize=(2, 2))
+    plt.plot([1, 2, 3])
+
+    log = TensorBoardLog(tmp_path)  # session 1: epochs 1 and 2, the same growing dict each time
+    growing = first(history, 1)
+    log.epoch(growing)
+    log.epoch(growing)  # called again with nothing new: nothing written
+    log.epoch(first(history, 2))
+    log.figures(curves=figure)
+    if crashed:  # it logged epoch 3 (other values: another path) and died before saving the checkpoint
+        log.epoch(first(fake_history(3, seed=1), 3))
+    log.close()
+
+    with TensorBoardLog(tmp_path, first(history, 2)) as log:  # session 2: resumed from epoch 2's checkpoint
+        log.epoch(history)
+        log.figures(curves=figure)
+    assert plt.fignum_exists(figure.number)  # the caller's figure stays open
+
+    acc = read(tmp_path)
+    tags = acc.Tags()
+    assert set(tags["scalars"]) == set(EPOCH_TAGS.values()) | set(STEP_TAGS.values())
+    for tag, points in expected_points(history).items():
+        got = [(s.step, s.value) for s in acc.Scalars(tag)]
+        assert got == points, tag  # every value once, in order, at steps that continue across the resume
+    assert [s.step for s in acc.Scalars("epoch/test_acc")] == [1000, 2000, 3000]
+    assert [s.step for s in acc.Scalars("step/train_loss")][:4] == [213, 426, 638, 1000]
+
+    assert tags["images"] == ["figures/curves"]
+    images = acc.Images("figures/curves")
+    assert [i.step for i in images] == [2000, 3000]
+    assert all(i.encoded_image_string.startswith(b"\x89PNG") and i.width > 0 and i.height > 0 for i in images)
+
+
+def test_a_new_run_in_an_empty_folder(tmp_path):
+    history = fake_history(2)
+    log = TensorBoardLog(tmp_path / "run")  # the folder is made if missing
+    log.epoch(history)
+    log.close()
+    acc = read(tmp_path / "run")
+    assert [(s.step, s.value) for s in acc.Scalars("epoch/lr")] == expected_points(history)["epoch/lr"]
+    assert len(acc.Scalars("step/lr")) == 2 * STEP_ROWS
+
+
+def test_without_the_tensorboard_package_one_line_names_the_requirements(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails as when it is not installed
+    with pytest.raises(TensorBoardMissingError) as err:
+        TensorBoardLog(tmp_path)
+    assert "requirements-tensorboard.txt" in str(err.value) and "\n" not in str(err.value)
