@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 plt.switch_backend("Agg")  # load it now: a Ctrl-C during its lazy first load became an ImportError traceback
 from model import Net  # noqa: E402
-from s5 import checkpoints, cli, config, device, distributed, engine, files, mnist, run  # noqa: E402
+from s5 import checkpoints, cli, config, device, distributed, engine, files, mnist, run, tensorboard  # noqa: E402
 
 DEFAULT = config.RunConfig(config.RECIPES["seed"])
 
@@ -60,6 +60,8 @@ def build_parser():
                    help="channels_last memory layout for the model (default: on for CPUs and CUDA, measured faster "
                    "there; off on other accelerators)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, help="tqdm bars (default: on)")
+    p.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, help="also write TensorBoard logs into "
+                   "the run's folder: make tensorboard shows runs/ (default: off)")
     p.add_argument("--resume", metavar="CHECKPOINT", help="continue the run saved in CHECKPOINT (its last.pt)")
     return p
 
@@ -81,10 +83,12 @@ def main(argv=None):
                                                                      for k, (old, new) in changed.items()))
         else:
             run_config = config.RunConfig.build(**given)
+        if run_config.tensorboard:
+            tensorboard.check_installed()
         dev = distributed.setup(ctx, device.get_device(run_config.device))
     except config.ConfigError as e:
         fail(ctx, cli.config_message(e))
-    except (checkpoints.CheckpointError, distributed.LaunchError) as e:
+    except (checkpoints.CheckpointError, distributed.LaunchError, tensorboard.TensorBoardMissingError) as e:
         fail(ctx, e)
     except ValueError as e:  # the device
         fail(ctx, f"argument --device: {e}")

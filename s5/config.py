@@ -125,12 +125,13 @@ class RunConfig:
     channels_last: bool | None = None  # None: by device (s5.device.channels_last_for)
     deterministic: bool = False
     progress: bool = True
+    tensorboard: bool = False  # also write TensorBoard event files into the run's folder (s5.tensorboard)
     data_dir: str = str(DATA_DIR)
     out: str | None = None
 
     # What a resume may change: where the data is, where and how it runs, for how long.
     RESUME_MAY_CHANGE = ("epochs", "data_dir", "device", "amp", "channels_last", "progress", "workers",
-                         "deterministic")
+                         "deterministic", "tensorboard")
 
     def __post_init__(self):
         if not isinstance(self.recipe, Recipe):
@@ -141,7 +142,7 @@ class RunConfig:
             _check_int(self, "train_subset", 1, TRAIN_IMAGES - self.val_split)
         _check_int(self, "workers", 0, 256)
         _check_choice(self, "loader", LOADERS)
-        for name in ("deterministic", "progress"):
+        for name in ("deterministic", "progress", "tensorboard"):
             _check_bool(self, name)
         for name in ("amp", "channels_last"):
             if getattr(self, name) is not None:

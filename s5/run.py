@@ -22,7 +22,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from model import Net
-from s5 import checkpoints, distributed, engine, evaluation, plots
+from s5 import checkpoints, distributed, engine, evaluation, plots, tensorboard
 from s5.config import RUNS_DIR, ConfigError
 from s5.data import make_loader
 from s5.device import amp_dtype_for, channels_last_for, keep_freed_memory, set_seed
@@ -199,6 +199,21 @@ def _train(config, device, ctx, resume, resume_path, run_dir, folder, started):
         history, start_epoch = resume.history, resume.epoch + 1
         say(f"resuming {resume_path} at epoch {start_epoch}" if start_epoch <= config.epochs else
             f"{resume_path} has all {config.epochs} epochs done: writing the final outputs")
+    board = None
+    if run_dir is not None and config.tensorboard:  # rank 0: the points a resumed run already logged stay once
+        board = tensorboard.TensorBoardLog(folder, resume.history if resume is not None else None)
+    try:
+        return _fit_and_finish(config, device, ctx, model, optimizer, scheduler, criterion, train_loader, val_loader,
+                               test_loader, eval_name, history, start_epoch, amp_dtype, run_dir, folder, started,
+                               board, say)
+    finally:
+        if board is not None:
+            board.close()
+
+
+def _fit_and_finish(config, device, ctx, model, optimizer, scheduler, criterion, train_loader, val_loader,
+                    test_loader, eval_name, history, start_epoch, amp_dtype, run_dir, folder, started, board, say):
+    """The epoch loop with the per-epoch files, then the final evaluation and outputs."""
     plotted_at = -PLOT_EVERY_S
 
     def on_epoch_end(epoch, hist):
@@ -212,6 +227,8 @@ def _train(config, device, ctx, resume, resume_path, run_dir, folder, started):
         save("last.pt")
         run_dir.write("metrics.csv", csv_bytes(hist, engine.epoch_record(eval_name)))
         run_dir.write("steps.csv", csv_bytes(hist, engine.STEP_RECORD))
+        if board is not None:
+            board.epoch(hist)  # after the checkpoint: the logs are never ahead of what a resume restores
         now = time.perf_counter()
         if epoch == config.epochs or now - plotted_at >= PLOT_EVERY_S:
             plotted_at = now
@@ -245,9 +262,12 @@ def _train(config, device, ctx, resume, resume_path, run_dir, folder, started):
         draw_curves(run_dir, history, eval_name)
     run_dir.write("model.pt", checkpoints.weights_bytes(model))
     predictions = evaluation.predict_loader(model, test_loader, device, amp_dtype, keep_images=True)  # 1 pass, 2 plots
-    confusion = evaluation.confusion_matrix(predictions)
-    _write_figure(run_dir, "confusion_matrix.png", plots.plot_confusion_matrix(confusion))
-    _write_figure(run_dir, "misclassified.png", plots.plot_misclassified(evaluation.misclassified(predictions, 24)))
+    figures = {"confusion_matrix": plots.plot_confusion_matrix(evaluation.confusion_matrix(predictions)),
+               "misclassified": plots.plot_misclassified(evaluation.misclassified(predictions, 24))}
+    if board is not None:
+        board.figures(**figures)
+    for name, fig in figures.items():
+        _write_figure(run_dir, f"{name}.png", fig)
     return history, folder, test_loss, test_acc
 
 

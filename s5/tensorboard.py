@@ -19,7 +19,8 @@ TensorBoard's classic scalar. SummaryWriter needs the tensorboard package, which
 STEPS_PER_EPOCH = 1000
 REQUIREMENTS = "requirements-tensorboard.txt"
 EPOCH_TAGS = {"train_loss": "epoch/train_loss", "test_loss": "epoch/test_loss", "train_acc": "epoch/train_acc",
-              "test_acc": "epoch/test_acc", "lr": "epoch/lr"}  # history key -> tag
+              "test_acc": "epoch/test_acc", "val_loss": "epoch/val_loss", "val_acc": "epoch/val_acc",
+              "lr": "epoch/lr"}  # history key -> tag (a run with a validation split has val_*, not test_*)
 STEP_TAGS = {"step_train_loss": "step/train_loss", "step_train_acc": "step/train_acc", "step_lr": "step/lr"}
 
 
@@ -32,6 +33,15 @@ def global_step(epochs):
     return round(epochs * STEPS_PER_EPOCH)
 
 
+def check_installed():
+    """TensorBoardMissingError now, before a run starts, if the tensorboard package is not installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+    except ImportError:
+        raise TensorBoardMissingError(f"TensorBoard logs need the tensorboard package: pip install -r "
+                                      f"{REQUIREMENTS} (make tensorboard does it)") from None
+
+
 class TensorBoardLog:
     """A run's scalars and figures for TensorBoard, written into `folder` (the run's folder).
 
@@ -40,11 +50,8 @@ class TensorBoardLog:
     """
 
     def __init__(self, folder, history=None):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise TensorBoardMissingError(f"TensorBoard logs need the tensorboard package: pip install -r "
-                                          f"{REQUIREMENTS} (make tensorboard does it)") from None
+        check_installed()
+        from torch.utils.tensorboard import SummaryWriter
         self.epochs_written = len(history["epoch"]) if history is not None else 0
         self.steps_written = len(history["step_epoch"]) if history is not None else 0
         # A resume hides whatever the earlier session wrote after the checkpoint's last epoch.
@@ -56,7 +63,8 @@ class TensorBoardLog:
         for i in range(self.epochs_written, len(history["epoch"])):
             step = global_step(history["epoch"][i])
             for key, tag in EPOCH_TAGS.items():
-                self.writer.add_scalar(tag, history[key][i], step)
+                if key in history:
+                    self.writer.add_scalar(tag, history[key][i], step)
         for i in range(self.steps_written, len(history["step_epoch"])):
             step = global_step(history["step_epoch"][i])
             for key, tag in STEP_TAGS.items():

@@ -43,7 +43,7 @@ def read(folder):
 
 def expected_points(history):
     points = {tag: [(global_step(e), np.float32(v)) for e, v in zip(history["epoch"], history[key])]
-              for key, tag in EPOCH_TAGS.items()}
+              for key, tag in EPOCH_TAGS.items() if key in history}
     points |= {tag: [(global_step(s), np.float32(v)) for s, v in zip(history["step_epoch"], history[key])]
                for key, tag in STEP_TAGS.items()}
     return points
@@ -72,7 +72,7 @@ def test_two_sessions_write_each_point_once(tmp_path, crashed):
 
     acc = read(tmp_path)
     tags = acc.Tags()
-    assert set(tags["scalars"]) == set(EPOCH_TAGS.values()) | set(STEP_TAGS.values())
+    assert set(tags["scalars"]) == set(expected_points(history))  # test_*, not val_*: this run has no split
     for tag, points in expected_points(history).items():
         got = [(s.step, s.value) for s in acc.Scalars(tag)]
         assert got == points, tag  # every value once, in order, at steps that continue across the resume
@@ -100,3 +100,25 @@ def test_without_the_tensorboard_package_one_line_names_the_requirements(tmp_pat
     with pytest.raises(TensorBoardMissingError) as err:
         TensorBoardLog(tmp_path)
     assert "requirements-tensorboard.txt" in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.slow
+def test_train_py_logs_what_metrics_csv_holds(tmp_path, mnist_root):
+    """train.py --tensorboard: the event files hold every metrics.csv value (and the final figures), once."""
+    from conftest import read_metrics, run_train
+
+    out = tmp_path / "run"
+    done = run_train("--recipe", "seed", "--train-subset", "512", "--batch-size", "64", "--epochs", "2",
+                     "--tensorboard", "--data-dir", mnist_root, "--out", out)
+    assert done.returncode == 0, done.stderr
+    acc = read(out)
+    rows = read_metrics(out / "metrics.csv")
+    for key in ("train_loss", "train_acc", "test_loss", "test_acc", "lr"):
+        logged = [(e.step, e.value) for e in acc.Scalars(EPOCH_TAGS[key])]
+        decimals = int(engine.EPOCH_RECORD[key].strip(".fg")) if key != "lr" else 5  # as metrics.csv rounds
+        assert logged == [(global_step(int(r["epoch"])), pytest.approx(float(r[key]), rel=1e-5,
+                                                                        abs=0.5 * 10 ** -decimals + 1e-7))
+                          for r in rows], key
+    steps = read_metrics(out / "steps.csv")
+    assert len(acc.Scalars("step/train_loss")) == len(steps)
+    assert {"figures/confusion_matrix", "figures/misclassified"} <= set(acc.Tags()["images"])
