@@ -95,7 +95,7 @@ class Recipe:
 RECIPES = {
     "seed": Recipe("seed", epochs=20, batch_size=512, lr=0.01),
     # AdamW, not SGD at a 0.15 peak: a gradient spike at SGD's peak killed most ReLUs and left short runs at
-    # chance (README: Recipes); label smoothing 0.1 in fp32 added 0.1 points on validation.
+    # chance (docs/recipes.md); label smoothing 0.1 in fp32 added 0.1 points on validation.
     "fast": Recipe("fast", epochs=2, batch_size=128, lr=3e-3, optimizer="AdamW", weight_decay=5e-4,
                    scheduler="OneCycleLR", label_smoothing=0.1),
 }

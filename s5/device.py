@@ -92,7 +92,7 @@ def keep_freed_memory():
 
     A training step frees and re-allocates activation buffers of tens of MB. glibc serves blocks that big
     with fresh mmap()ed pages and unmaps them on free, so every step pays a page fault per 4 KB touched
-    (the README's speed table measures what that costs). With mmap and heap trimming off, freed blocks are
+    (docs/speed.md's bench table measures what that costs). With mmap and heap trimming off, freed blocks are
     reused. The cost: the process keeps its peak memory until it exits, and the setting cannot be undone,
     so it is the caller's choice (runs, the benchmark and the notebook make it on the CPU). Only on Linux
     with glibc; returns whether the settings are in effect.
@@ -132,7 +132,7 @@ def amp_dtype_for(device, amp=None):
     amp=None decides by hardware: bf16 on CPUs with native bf16 instructions (AVX512-BF16/AMX), plain fp32
     on other CPUs, where bf16 is emulated and slower. On CUDA GPUs from Ampere on (compute capability 8.0+)
     fp32, whose convolutions already run on TF32 tensor cores: for a net this small autocast's extra casts
-    cost more than bf16 saves (measured: README, Speed); fp16 with a GradScaler on older GPUs. Other
+    cost more than bf16 saves (measured: docs/speed.md, GPU); fp16 with a GradScaler on older GPUs. Other
     accelerators (MPS, XPU, ...) train fp32 unless asked: unmeasured here. amp=False forces fp32; amp=True
     forces mixed precision (bf16 where the GPU has it, else fp16; fp16 on MPS, bf16 elsewhere).
     """
