@@ -1,13 +1,12 @@
 """Train the S5 Net from the command line: what S5.ipynb does, headless, with checkpoints.
 
     python train.py                      # the original recipe: 20 epochs, batch 512, SGD 0.01, StepLR
-    python train.py --recipe fast        # one-cycle SGD, two epochs
+    python train.py --recipe fast        # one-cycle AdamW, two epochs
     python train.py --resume runs/X/last.pt
 
-Writes into --out (a new or empty folder): metrics.csv (one row per epoch), steps.csv (a row every 10 batches),
-accuracy_plots.png (per epoch, as the original), training_curves.png (every 10 batches, with the learning rate),
-last.pt (every epoch), best.pt (best test accuracy), model.pt (final weights), confusion_matrix.png,
-misclassified.png. Exit status: 0 done, 1 diverged or could not write, 2 usage or data error, 130 interrupted.
+Writes into --out (a new or empty folder): metrics.csv, steps.csv, accuracy_plots.png, training_curves.png,
+last.pt (every epoch), best.pt, model.pt, confusion_matrix.png, misclassified.png, final.json (docs/checkpoints.md).
+Exit status: 0 done, 1 diverged or could not write, 2 usage or data error, 130 interrupted.
 """
 
 import argparse
@@ -21,7 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 plt.switch_backend("Agg")  # load it now: a Ctrl-C during its lazy first load became an ImportError traceback
 from model import Net  # noqa: E402
-from s5 import checkpoints, cli, config, device, distributed, engine, files, mnist, run, tensorboard  # noqa: E402
+from s5 import checkpoints, cli, config, device, distributed, files, mnist, run, tensorboard  # noqa: E402
 
 DEFAULT = config.RunConfig(config.RECIPES["seed"])
 
@@ -72,86 +71,48 @@ def main(argv=None):
     resume_path = given.pop("resume", None)
     ctx = distributed.Context()
     try:
-        ctx = distributed.context_from_env()
+        ctx = distributed.context_from_env()  # under torchrun: this process's rank; rank 0 alone speaks
         resume = checkpoints.read_resumable(resume_path, Net()) if resume_path else None
         if resume:
             run_config, changed = resume.config.resumed(given, resume.epoch)
             if "data_dir" not in given and not Path(run_config.data_dir).is_dir():
                 cli.fail(f"the run's data folder {run_config.data_dir} is gone: give --data-dir where MNIST is now")
-            if changed:
-                say(ctx, "changed for the resumed run: " + ", ".join(f"{cli.flag(k)} {old} -> {new}"
-                                                                     for k, (old, new) in changed.items()))
+            if changed and ctx.is_main:
+                print("changed for the resumed run: " + ", ".join(f"{cli.flag(k)} {old} -> {new}"
+                                                                  for k, (old, new) in changed.items()))
         else:
             run_config = config.RunConfig.build(**given)
         if run_config.tensorboard:
             tensorboard.check_installed()
         dev = distributed.setup(ctx, device.get_device(run_config.device))
     except config.ConfigError as e:
-        fail(ctx, cli.config_message(e))
+        cli.fail(cli.config_message(e), speak=ctx.is_main)
     except (checkpoints.CheckpointError, distributed.LaunchError, tensorboard.TensorBoardMissingError) as e:
-        fail(ctx, e)
+        cli.fail(e, speak=ctx.is_main)
     except ValueError as e:  # the device
-        fail(ctx, f"argument --device: {e}")
+        cli.fail(f"argument --device: {e}", speak=ctx.is_main)
     try:
         with cli.stop_like_ctrl_c():
             result = run.run(run_config, dev, ctx=ctx, resume=resume, resume_path=resume_path, started=started)
     except run.RunStoppedError as e:
-        stopped(ctx, e, run_config)
+        if ctx.is_main and e.reason == "interrupted":
+            print(flush=True)  # end the progress bar's line
+        cli.fail(*cli.stopped_message(e, run_config.recipe.lr, run_config.device), speak=ctx.is_main)
     except files.OutputError as e:
-        fail(ctx, f"{e}: {OUT_ADVICE.get(e.kind, 'give --out a writable folder').format(path=e.path)}")
+        cli.fail(cli.output_error_message(e), speak=ctx.is_main)
     except config.ConfigError as e:
-        fail(ctx, cli.config_message(e))
+        cli.fail(cli.config_message(e), speak=ctx.is_main)
     except (mnist.MNISTDataError, ValueError) as e:
-        fail(ctx, e)
+        cli.fail(e, speak=ctx.is_main)
     except KeyboardInterrupt:
-        fail(ctx, "interrupted before the run started", cli.EXIT_INTERRUPTED)
+        cli.fail("interrupted before the run started", cli.EXIT_INTERRUPTED, speak=ctx.is_main)
     finally:
         distributed.teardown()
-    history, evaluated = result.history, "val" if run_config.val_split else "test"
-    say(ctx, f"final test accuracy {result.test_acc:.2f}% ({'best validation' if run_config.val_split else 'best'} "
-             f"{max(history[evaluated + '_acc']):.2f}%), {history['elapsed_seconds'][-1]:.0f} s; "
-             f"outputs in {result.folder}/")
-
-
-OUT_ADVICE = {
-    "not_a_folder": "give --out a folder name",
-    "unwritable": "give --out a writable place",
-    "not_empty": "give --out a new or empty folder",
-    "holds_run": "resume it with --resume {path}/last.pt, or pick another --out",
-    "busy": "wait for it, or pick another --out",
-    "not_this_run": "continue the run in a new or empty folder with --out DIR",
-    "not_latest": "resume {path} instead, or continue from this checkpoint in a new folder with --out DIR",
-}
-
-
-def stopped(ctx, e, run_config):
-    """The one line for a run that ended early, with what was kept and how to go on."""
-    if e.last is not None:
-        hint = f"; the last finished epoch is safe in {e.last}: continue with python train.py --resume {e.last}"
-    else:
-        hint = f" before the first epoch ended, so nothing was saved: run again (--out {e.folder} can be reused)"
-    if isinstance(e.cause, KeyboardInterrupt):
-        print(flush=True)  # end the progress bar's line
-        fail(ctx, f"interrupted{hint}", cli.EXIT_INTERRUPTED)
-    if isinstance(e.cause, run.OutOfMemoryError):
-        other = "" if run_config.device == "cpu" else " (or --device cpu, where memory is larger)"
-        fail(ctx, f"{e.cause}: try a smaller --batch-size{other}{hint}", cli.EXIT_FAILED)
-    if isinstance(e.cause, engine.TrainingDivergedError):
-        fail(ctx, f"{e.cause} (try a new run with --lr below {run_config.recipe.lr:g}){hint}", cli.EXIT_FAILED)
-    fail(ctx, f"{e.cause}{hint}", cli.EXIT_FAILED)
-
-
-def say(ctx, message):
     if ctx.is_main:
-        print(message, flush=True)
-
-
-def fail(ctx, message, code=cli.EXIT_USAGE):
-    """One line from rank 0; the other processes of a group end with the same code, silently."""
-    if ctx.is_main:
-        cli.fail(message, code)
-    raise SystemExit(code)
-
+        history, evaluated = result.history, "val" if run_config.val_split else "test"
+        print(f"final test accuracy {result.test_acc:.2f}% ({'best validation' if run_config.val_split else 'best'} "
+              f"{max(history[evaluated + '_acc']):.2f}%), {history['elapsed_seconds'][-1]:.0f} s; outputs in "
+              f"{result.folder}/")
 
 
 if __name__ == "__main__":

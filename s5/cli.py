@@ -63,11 +63,45 @@ def config_message(error):
     return f"argument {flag(error.field)}: {error.reason}"
 
 
-def fail(message, code=EXIT_USAGE):
-    """Print `error: message` as one line on stderr and exit with `code`."""
-    text = " ".join(str(message).split())  # one line, whatever the message held
-    print(f"error: {text}", file=sys.stderr)
+def fail(message, code=EXIT_USAGE, speak=True):
+    """Print `error: message` as one line on stderr and exit with `code`. speak=False exits with the code alone
+    (the other processes of a torchrun group: rank 0 speaks for them)."""
+    if speak:
+        text = " ".join(str(message).split())  # one line, whatever the message held
+        print(f"error: {text}", file=sys.stderr)
     raise SystemExit(code)
+
+
+# What to do about a run folder that cannot be claimed (s5.files.OutputError's kind), in flags.
+OUT_ADVICE = {
+    "not_a_folder": "give --out a folder name",
+    "unwritable": "give --out a writable place",
+    "not_empty": "give --out a new or empty folder",
+    "holds_run": "resume it with --resume {path}/last.pt, or pick another --out",
+    "busy": "wait for it, or pick another --out",
+    "not_this_run": "continue the run in a new or empty folder with --out DIR",
+    "not_latest": "resume {path} instead, or continue from this checkpoint in a new folder with --out DIR",
+}
+
+
+def output_error_message(error):
+    return f"{error}: {OUT_ADVICE.get(error.kind, 'give --out a writable folder').format(path=error.path)}"
+
+
+def stopped_message(error, lr, device):
+    """(one line, exit code) for a run that ended early (s5.run.RunStoppedError): what was kept, how to go on."""
+    if error.last is not None:
+        hint = f"; the last finished epoch is safe in {error.last}: continue with python train.py --resume {error.last}"
+    else:
+        hint = f" before the first epoch ended, so nothing was saved: run again (--out {error.folder} can be reused)"
+    if error.reason == "interrupted":
+        return f"interrupted{hint}", EXIT_INTERRUPTED
+    if error.reason == "out_of_memory":
+        other = "" if device == "cpu" else " (or --device cpu, where memory is larger)"
+        return f"{error.cause}: try a smaller --batch-size{other}{hint}", EXIT_FAILED
+    if error.reason == "diverged":
+        return f"{error.cause} (try a new run with --lr below {lr:g}){hint}", EXIT_FAILED
+    return f"{error.cause}{hint}", EXIT_FAILED
 
 
 class ArgumentParser(argparse.ArgumentParser):

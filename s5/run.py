@@ -42,14 +42,17 @@ class RunResult(NamedTuple):
 
 
 class RunStoppedError(Exception):
-    """A run ended before its last epoch: `cause` says why (divergence, a failed write, an interrupt).
-
-    `folder` is the run's folder and `last` its latest checkpoint (None when no epoch was saved).
+    """A run ended before its last epoch: `cause` says why, `reason` names it ("interrupted", "out_of_memory",
+    "diverged" or "failed": a write, a process of the group). `folder` is the run's folder and `last` its latest
+    checkpoint (None when no epoch was saved).
     """
 
     def __init__(self, cause, folder, last):
         super().__init__(str(cause))
         self.cause, self.folder, self.last = cause, folder, last
+        self.reason = ("interrupted" if isinstance(cause, KeyboardInterrupt) else
+                       "out_of_memory" if isinstance(cause, OutOfMemoryError) else
+                       "diverged" if isinstance(cause, engine.TrainingDivergedError) else "failed")
 
 
 def check(config, ctx):
