@@ -49,6 +49,7 @@ from s5.plots import (
     post_display,
 )
 from s5.receptive_field import receptive_field
+from s5.tensorboard import TensorBoardLog
 
 _FAST_KWARGS = {"batch_size", "shuffle", "drop_last", "num_workers", "pin_memory", "persistent_workers",
                 "prefetch_factor"}  # the fast loader has no workers: it accepts and ignores the last four
@@ -141,7 +142,7 @@ __all__ = [
     # training beyond the classic loop: the core the adapters above call
     "build_training", "steps_per_batch", "train_epoch", "evaluate", "fit", "new_history",
     # after the run
-    "plot_training", "predict_loader", "confusion_matrix", "misclassified", "plot_confusion_matrix",
+    "plot_training", "TensorBoardLog", "predict_loader", "confusion_matrix", "misclassified", "plot_confusion_matrix",
     "plot_misclassified",
     "receptive_field", "save_checkpoint", "load_checkpoint",
     # your own digits
