@@ -16,7 +16,7 @@ from s5.checkpoints import load_checkpoint
 from s5.files import RunDir
 from s5.mnist import raw_dir
 
-SMALL = ["--recipe", "fast", "--lr", "0.05", "--train-subset", "2048", "--batch-size", "64", "--seed", "3",
+SMALL = ["--recipe", "fast", "--train-subset", "2048", "--batch-size", "64", "--seed", "3",
          "--deterministic"]
 
 
@@ -117,7 +117,7 @@ def test_accuracy_plot_redrawn_at_most_every_plot_every_s(tmp_path, mnist_root, 
     real = plots.post_accuracyplots
     monkeypatch.setattr(plots, "post_accuracyplots", lambda *a, **k: drawn.append(len(a[0])) or real(*a, **k))
     monkeypatch.setattr("s5.run.PLOT_EVERY_S", every_s)
-    train.main(["--no-progress", "--recipe", "fast", "--lr", "0.05", "--train-subset", "512", "--batch-size", "64",
+    train.main(["--no-progress", "--recipe", "fast", "--train-subset", "512", "--batch-size", "64",
                 "--epochs", "3", "--data-dir", str(mnist_root), "--out", str(tmp_path / "run")])
     assert drawn == drawn_after  # the number of epochs each redraw showed
     assert (tmp_path / "run" / "accuracy_plots.png").stat().st_size > 0
