@@ -174,8 +174,9 @@ def test_results_are_printed_as_they_are_made(trained, tmp_path):
     try:
         first = proc.stdout.readline()  # before the last file: the pipe is full long before it is reached
         assert f": {digits[0][1]} (" in first, proc.stderr.read()
-        (tmp_path / "later").mkdir()  # so the last argument exists only once the first line is out
-        Image.fromarray(as_photo(digits[0][0], True)).save(tmp_path / "later" / "x.png")
+        (tmp_path / "staging").mkdir()  # so the last argument exists only once the first line is out, whole:
+        Image.fromarray(as_photo(digits[0][0], True)).save(tmp_path / "staging" / "x.png")
+        (tmp_path / "staging").rename(tmp_path / "later")  # an empty "later" seen between mkdir and save was a race
         out, err = proc.communicate(timeout=600)
     finally:
         proc.kill()
