@@ -43,6 +43,11 @@ def test_a_run_at_chance_after_the_warm_up_is_named():
     assert "lower learning rate" in warning
     assert engine.collapse_warning(_history([11, 12, 60, 80]), 32, 16) is None  # it learned by then
     assert engine.collapse_warning(_history([11, 12]), 32, 16) is None  # not measured yet
+    # No warm-up (the original's StepLR): its erratic start is not a collapse; the end of its first epoch decides.
+    erratic = _history([14, 20, 30, 58, 50, 13, 27, 49, 76, 82, 86, 88], steps_per_epoch=118)
+    assert engine.collapse_warning(erratic, 118, 0) is None
+    stuck = _history([14, 11, 10, 12, 11, 10, 9, 11, 10, 11, 10, 12], steps_per_epoch=118)
+    assert engine.collapse_warning(stuck, 118, 0).startswith("training accuracy is 12% at step 120")
 
 
 def test_impossible_validation_split(tmp_path, capsys):
