@@ -234,6 +234,7 @@ def report_line(loss, n_correct, n, eval_name="test"):
 
 
 COLLAPSED_BELOW = 30.0  # % training accuracy over the 10 batches after the warm-up: chance is 10%
+MIN_STEPS_TO_JUDGE = 50  # fewer steps than this are too few to call a run collapsed (a 4-step epoch is at chance)
 
 
 def collapse_warning(history, steps_per_epoch, warmup_steps):
@@ -241,8 +242,8 @@ def collapse_warning(history, steps_per_epoch, warmup_steps):
     COLLAPSED_BELOW (measured over 65 short one-cycle runs: every run under 28% there ended at 65% or less, every
     run at 33% or more reached 87% or more); without a warm-up (a step schedule, as the original's, whose first
     epoch is erratic: 13% at its 60th step, 88% at its end), the last 10 batches of the first epoch. None while
-    that window is not recorded yet, or when the run learns."""
-    check_at = warmup_steps + REFRESH_EVERY if warmup_steps else steps_per_epoch
+    that window is not recorded yet (and before MIN_STEPS_TO_JUDGE steps), or when the run learns."""
+    check_at = max(warmup_steps + REFRESH_EVERY if warmup_steps else steps_per_epoch, MIN_STEPS_TO_JUDGE)
     for step_epoch, acc in zip(history["step_epoch"], history["step_train_acc"]):
         step = round(step_epoch * steps_per_epoch)
         if step >= check_at:

@@ -177,7 +177,9 @@ def test_results_are_printed_as_they_are_made(trained, tmp_path):
         (tmp_path / "staging").mkdir()  # so the last argument exists only once the first line is out, whole:
         Image.fromarray(as_photo(digits[0][0], True)).save(tmp_path / "staging" / "x.png")
         (tmp_path / "staging").rename(tmp_path / "later")  # an empty "later" seen between mkdir and save was a race
-        out, err = proc.communicate(timeout=600)
+        out = proc.stdout.read()  # through the same buffer readline used (communicate() reads the pipe beneath it
+        err = proc.stderr.read()  # and lost whatever readline had buffered past the first line)
+        proc.wait(timeout=600)
     finally:
         proc.kill()
     lines = [first, *out.splitlines()]
@@ -193,7 +195,9 @@ def test_a_signal_mid_way_is_one_line_and_exit_130(trained, tmp_path, sig):
     try:
         assert proc.stdout.readline()  # mid-way: it cannot finish while its full pipe is not read
         proc.send_signal(sig)
-        out, err = proc.communicate(timeout=600)
+        out = proc.stdout.read()  # through the same buffer readline used (communicate() reads the pipe beneath it
+        err = proc.stderr.read()  # and lost whatever readline had buffered past the first line)
+        proc.wait(timeout=600)
     finally:
         proc.kill()
     assert proc.returncode == 130 and "Traceback" not in err, err

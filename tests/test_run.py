@@ -37,11 +37,12 @@ def _history(accuracies, steps_per_epoch=32):
 
 
 def test_a_run_at_chance_after_the_warm_up_is_named():
-    collapsed = _history([11, 12, 14, 13, 10])  # rows at steps 10, 20, ..., 50; warm-up of 16 steps
+    collapsed = _history([11, 12, 14, 13, 10, 12])  # rows at steps 10, 20, ..., 60; warm-up of 16 steps
     warning = engine.collapse_warning(collapsed, 32, 16)
-    assert warning.startswith("training accuracy is 14% at step 30, after the warm-up: the run looks collapsed")
+    assert warning.startswith("training accuracy is 10% at step 50, after the warm-up: the run looks collapsed")
     assert "lower learning rate" in warning
-    assert engine.collapse_warning(_history([11, 12, 60, 80]), 32, 16) is None  # it learned by then
+    assert engine.collapse_warning(_history([11, 12, 60, 80, 85]), 32, 16) is None  # it learned by then
+    assert engine.collapse_warning(_history([7, 8]), 4, 0) is None  # 8 steps in all: too few to judge
     assert engine.collapse_warning(_history([11, 12]), 32, 16) is None  # not measured yet
     # No warm-up (the original's StepLR): its erratic start is not a collapse; the end of its first epoch decides.
     erratic = _history([14, 20, 30, 58, 50, 13, 27, 49, 76, 82, 86, 88], steps_per_epoch=118)
