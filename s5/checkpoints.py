@@ -102,12 +102,6 @@ def weights_bytes(model):
     return buffer.getvalue()
 
 
-def save_weights(path, model):
-    """The model's weights alone (a state_dict, as model.pt), written atomically."""
-    data = weights_bytes(model)
-    atomic_write(path, lambda f: f.write(data))
-
-
 def load_checkpoint(path, model=None, map_location="cpu"):
     """Load a run's checkpoint (or a bare state_dict) safely; optionally into `model`.
 
