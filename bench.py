@@ -42,8 +42,9 @@ def endless(loader):
         yield from loader
 
 
-def train_throughput(model, device, loader, amp_dtype, batches, warmup=3):
-    """Images/s of engine.train, the loop every run uses, over `batches` batches after `warmup` untimed ones."""
+def train_throughput(model, device, loader, amp_dtype, batches, warmup=3, warmup_seconds=None):
+    """Images/s of engine.train, the loop every run uses, over `batches` batches after `warmup` untimed ones (whose
+    seconds are appended to the list `warmup_seconds` when given: a compiled model compiles there)."""
     optimizer = engine.get_optimizer(model, "SGD", 0.01, 0.9)
     stream = endless(loader)
 
@@ -54,7 +55,10 @@ def train_throughput(model, device, loader, amp_dtype, batches, warmup=3):
         engine.train_epoch(model, counted, optimizer, engine.get_loss(), device=device, amp_dtype=amp_dtype,
                            progress=False)  # ends with .item(): a GPU is synchronised
 
+    start = time.perf_counter()
     run(warmup)
+    if warmup_seconds is not None:
+        warmup_seconds.append(time.perf_counter() - start)
     seen.clear()
     start = time.perf_counter()
     run(batches)
@@ -127,6 +131,23 @@ def conv_passes(model, device, batch_size, dtype, channels_last):
         shape = f"{conv.in_channels}->{conv.out_channels} @{inputs[conv][2]}x{inputs[conv][3]}"
         rows.append((name, shape, figures))
     return rows
+
+
+def compile_payback(fresh_model, device, loader, amp_dtype, batches):
+    """torch.compile (inductor) against eager on the fast path: figures for the training step either way.
+
+    Returns {eager_img_s, compiled_img_s, compile_seconds (the compiled model's first 3 steps less eager's),
+    payback_steps (steps until the compile time is won back; None when a compiled step is not faster)}.
+    """
+    eager_warmup, compiled_warmup = [], []
+    eager = train_throughput(fresh_model(True), device, loader, amp_dtype, batches, warmup_seconds=eager_warmup)
+    compiled = train_throughput(torch.compile(fresh_model(True)), device, loader, amp_dtype, batches,
+                                warmup_seconds=compiled_warmup)
+    compile_seconds = compiled_warmup[0] - eager_warmup[0]
+    saved_a_step = loader.batch_size / eager - loader.batch_size / compiled
+    return {"eager_img_s": round(eager, 1), "compiled_img_s": round(compiled, 1),
+            "compile_seconds": round(compile_seconds, 1),
+            "payback_steps": round(compile_seconds / saved_a_step) if saved_a_step > 0 else None}
 
 
 def time_to_target(target, data_dir):
@@ -213,6 +234,8 @@ def main(argv=None):
     p.add_argument("--workers", type=cli.whole_number(0), default=2,
                    help="classic DataLoader workers (the original's 2)")
     p.add_argument("--time-to-target", action="store_true", help="also time the fast recipe to --target")
+    p.add_argument("--compile", action="store_true",
+                   help="also time the fast recipe's training step under torch.compile (inductor) against eager")
     p.add_argument("--target", type=accuracy_percent, default=99.3,
                    help="test accuracy (%%) for --time-to-target and --seeds")
     sweep_flags = p.add_argument_group("accuracy over seeds")
@@ -299,6 +322,17 @@ def main(argv=None):
     for key, fast, classic, label in speedups:
         figures[key] = ratio(fast, classic)
         print(f"{label}: {figures[key]:.2f}x")
+    if args.compile:
+        fast = config.RECIPES["fast"]
+        loader = data.make_loader(*train_split, batch_size=fast.batch_size, train=True, device=device)
+        steps = fast.epochs * len(loader)
+        figures["compile"] = compile_payback(fresh_model, device, loader, amp_dtype, args.batches)
+        c = figures["compile"]
+        pays = (f"pays back after {c['payback_steps']} steps (a fast run has {steps})" if c["payback_steps"]
+                else "never pays back: a compiled step is slower")
+        print(f"torch.compile, fast recipe's step (batch {fast.batch_size}, {precision}, channels_last): eager "
+              f"{c['eager_img_s']:.0f} img/s, compiled {c['compiled_img_s']:.0f} img/s after "
+              f"{c['compile_seconds']:.0f} s of compiling; {pays}")
     if args.time_to_target:
         seconds, acc, final, total = time_to_target(args.target, args.data_dir)
         figures.update(fast_recipe_seconds_to_target=seconds, fast_recipe_acc_at_target=acc,

@@ -11,6 +11,7 @@ import math
 import os
 from dataclasses import asdict, dataclass, fields, replace
 
+from s5.data import AUGMENTATIONS  # noqa: F401 (train.py's --augment choices too)
 from s5.mnist import DATA_DIR
 
 RUNS_DIR = "runs"  # where a run without a chosen folder goes: runs/<recipe>-<date>-<time>
@@ -76,6 +77,8 @@ class Recipe:
     gamma: float = 0.1
     pct_start: float = 0.25  # one-cycle: the share of the steps spent warming up
     label_smoothing: float = 0.0  # training loss only: cross-entropy against (1 - s) one-hot + s / 10
+    augment: str = "classic"  # the training images' augmentation: one of s5.data.AUGMENTATIONS
+    tta: bool = False  # evaluate on each image and its four one-pixel shifts (s5.evaluation.ShiftAveraged)
 
     def __post_init__(self):
         _check_str(self, "name")
@@ -88,8 +91,10 @@ class Recipe:
         _check_float(self, "pct_start", 0.0, 1.0, low_open=True, high_open=True)
         _check_float(self, "label_smoothing", 0.0, 1.0, high_open=True)
         _check_bool(self, "nesterov")
+        _check_bool(self, "tta")
         _check_choice(self, "optimizer", OPTIMIZERS)
         _check_choice(self, "scheduler", SCHEDULERS)
+        _check_choice(self, "augment", tuple(AUGMENTATIONS))
 
 
 RECIPES = {
@@ -98,14 +103,20 @@ RECIPES = {
     # chance (docs/recipes.md); label smoothing 0.1 in fp32 added 0.1 points on validation.
     "fast": Recipe("fast", epochs=2, batch_size=128, lr=3e-3, optimizer="AdamW", weight_decay=5e-4,
                    scheduler="OneCycleLR", label_smoothing=0.1),
+    # `fast`, for 20 epochs, on digits randomly rotated, scaled, sheared and shifted (docs/recipes.md#best).
+    "best": Recipe("best", epochs=20, batch_size=128, lr=3e-3, optimizer="AdamW", weight_decay=5e-4,
+                   scheduler="OneCycleLR", label_smoothing=0.1, augment="affine"),
 }
+
+
+RECIPE_FIELDS = tuple(f.name for f in fields(Recipe) if f.name != "name")  # what a run may override
 
 
 def get_recipe(name, **overrides):
     """RECIPES[name] with the overrides that are not None, checked."""
     if name not in RECIPES:
         raise ConfigError("recipe", f"unknown recipe {name!r}: use one of {', '.join(RECIPES)}")
-    unknown = sorted(set(overrides) - {f.name for f in fields(Recipe)} - {"name"})
+    unknown = sorted(set(overrides) - set(RECIPE_FIELDS))
     if unknown:
         raise ConfigError(unknown[0], f"a recipe has no field {unknown[0]!r}")
     return replace(RECIPES[name], **{k: v for k, v in overrides.items() if v is not None})
@@ -151,19 +162,24 @@ class RunConfig:
         _check_str(self, "data_dir")
         if self.out is not None:
             _check_str(self, "out")
+        if self.loader == "classic" and self.recipe.augment != "classic":
+            raise ConfigError("loader", f"the classic loader has the original's augmentation only, and recipe "
+                                        f"{self.name!r} uses {self.recipe.augment!r}: use the fast loader")
         if self.recipe.batch_size > TRAIN_IMAGES:
             raise ConfigError("batch_size", f"{self.recipe.batch_size} is more than the {TRAIN_IMAGES:,} training "
                                             f"images: give 1 to {TRAIN_IMAGES}")
 
     @classmethod
-    def build(cls, recipe="seed", *, epochs=None, batch_size=None, lr=None, **run):
-        """The configuration of a new run: the named recipe with the given overrides, the rest defaults."""
-        unknown = sorted(set(run) - {f.name for f in fields(cls)})
+    def build(cls, recipe="seed", **settings):
+        """The configuration of a new run: the named recipe with the given overrides of its fields (epochs, lr,
+        augment, ...; None leaves the recipe's), the other settings the run's, the rest defaults."""
+        overrides = {k: settings.pop(k) for k in list(settings) if k in RECIPE_FIELDS}
+        unknown = sorted(set(settings) - {f.name for f in fields(cls)})
         if unknown:
             raise ConfigError(unknown[0], f"a run has no setting {unknown[0]!r}")
-        if "data_dir" in run:
-            run["data_dir"] = os.path.expanduser(str(run["data_dir"]))
-        return cls(get_recipe(recipe, epochs=epochs, batch_size=batch_size, lr=lr), **run)
+        if "data_dir" in settings:
+            settings["data_dir"] = os.path.expanduser(str(settings["data_dir"]))
+        return cls(get_recipe(recipe, **overrides), **settings)
 
     @property
     def name(self):
@@ -202,7 +218,7 @@ class RunConfig:
         changed = {}
         for field, value in changes.items():
             old = (self.name if field == "recipe" else getattr(self.recipe, field)
-                   if field in ("epochs", "batch_size", "lr") else getattr(self, field))
+                   if field in RECIPE_FIELDS else getattr(self, field))
             if value == old:
                 continue
             if field not in self.RESUME_MAY_CHANGE:

@@ -5,6 +5,7 @@ per-image PIL transforms through a `DataLoader`, the fast one keeps them on the 
 whole batches there. `make_loader` builds either from tensors.
 """
 
+import functools
 import math
 import signal
 
@@ -82,6 +83,61 @@ def augment_batch(images, angles, cropped, crop=22):
     return F.grid_sample(images, grid, mode="nearest", padding_mode="zeros", align_corners=False)
 
 
+def sample_affine(n, generator, device, degrees=10.0, scale=0.1, shear=10.0, shift=2.0, elastic=0.0, size=28):
+    """Random draws of the `affine` augmentation for n images: each image's 2x3 sampling matrix (rotation by up to
+    `degrees`, scale by 1 ± `scale`, shear by up to `shear` degrees, shift by up to `shift` pixels, in
+    affine_grid's normalised coordinates), and with `elastic` > 0 an (n, 2, size, size) field of uniform noise
+    in [-1, 1] that `affine_batch` smooths into an elastic distortion (Simard et al. 2003)."""
+    def uniform(half_width):
+        return (torch.rand(n, generator=generator, device=device) * 2 - 1) * half_width
+
+    rad, shear_rad = torch.deg2rad(uniform(degrees)), torch.deg2rad(uniform(shear))
+    zoom = 1 + uniform(scale)
+    cos, sin, tan = torch.cos(rad), torch.sin(rad), torch.tan(shear_rad)
+    # rotation @ shear-along-x, divided by the zoom: the input coordinates each output pixel samples
+    theta = torch.stack([torch.stack([cos, cos * tan - sin, uniform(shift) * 2 / size], 1),
+                         torch.stack([sin, sin * tan + cos, uniform(shift) * 2 / size], 1)], 1) / zoom.view(-1, 1, 1)
+    theta[:, :, 2] *= zoom.view(-1, 1)  # the shift is not scaled
+    if not elastic:
+        return (theta,)
+    return theta, torch.rand(n, 2, size, size, generator=generator, device=device) * 2 - 1
+
+
+def _gaussian_kernel(sigma, device):
+    radius = max(1, math.ceil(3 * sigma))
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32, device=device)
+    kernel = torch.exp(-x.square() / (2 * sigma * sigma))
+    return kernel / kernel.sum()
+
+
+def affine_batch(images, theta, noise=None, *, elastic=0.0, sigma=4.0):
+    """A batch of (B, 1, H, W) images (0 = background) warped by `sample_affine`'s draws in one grid_sample
+    (bilinear): the affine map, plus where `noise` is given its Gaussian-smoothed (`sigma` pixels) field
+    scaled by `elastic` pixels, Simard et al.'s elastic distortion (their alpha and sigma)."""
+    grid = F.affine_grid(theta.float(), list(images.shape), align_corners=False)
+    if noise is not None:
+        b, _, h, w = noise.shape
+        k = _gaussian_kernel(sigma, noise.device)
+        field = noise.reshape(b * 2, 1, h, w)
+        field = F.conv2d(F.conv2d(field, k.view(1, 1, 1, -1), padding=(0, len(k) // 2)),
+                         k.view(1, 1, -1, 1), padding=(len(k) // 2, 0))
+        field = field.view(b, 2, h, w) * elastic
+        grid = grid + field.permute(0, 2, 3, 1) * torch.tensor([2 / w, 2 / h], device=grid.device)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+# The fast loader's augmentations by name (a recipe's `augment`): (draw the random parameters for n images,
+# apply them to a batch).
+# "classic" is the original's; "affine" shifts, scales, shears and rotates; "elastic" adds Simard's distortion.
+ELASTIC_ALPHA, ELASTIC_SIGMA = 34.0, 4.0  # pixels: Simard et al. 2003's values
+AUGMENTATIONS = {
+    "classic": (sample_augmentation, augment_batch),
+    "affine": (sample_affine, affine_batch),
+    "elastic": (functools.partial(sample_affine, elastic=ELASTIC_ALPHA),
+                functools.partial(affine_batch, elastic=ELASTIC_ALPHA, sigma=ELASTIC_SIGMA)),
+}
+
+
 def positive_int(value, name):
     """`value` if it is a whole number of at least 1 (not a bool), else ValueError naming `name`."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -114,7 +170,11 @@ class FastMNISTLoader:
         self.labels = labels.to(self.device, torch.int64)
         self.dataset = TensorDataset(self.images, self.labels)
         self.batch_size = positive_int(batch_size, "batch_size")
-        self.shuffle, self.augment, self.drop_last = shuffle, augment, drop_last
+        if augment is True:
+            augment = "classic"
+        if augment and augment not in AUGMENTATIONS:
+            raise ValueError(f"augment={augment!r}: use one of {', '.join(AUGMENTATIONS)}, or False")
+        self.shuffle, self.augment, self.drop_last = shuffle, augment or None, drop_last
         # Drawn from the global RNG when not given, so set_seed() makes it reproducible.
         self.seed = int(seed) if seed is not None else int(torch.randint(2**31 - 1, ()).item())
         self.epoch = 0
@@ -140,7 +200,7 @@ class FastMNISTLoader:
             order = torch.arange(n, device=self.device)
         for i in range(len(self)):
             idx = order[i * self.batch_size:(i + 1) * self.batch_size]
-            draws = sample_augmentation(len(idx), gen, self.device) if self.augment else None
+            draws = AUGMENTATIONS[self.augment][0](len(idx), gen, self.device) if self.augment else None
             if self.world_size > 1:
                 share = self._share(len(idx))
                 idx = idx[share]
@@ -148,7 +208,7 @@ class FastMNISTLoader:
                     draws = tuple(d[share] for d in draws)
             x = self.images[idx].unsqueeze(1).float().div_(255)
             if self.augment and len(idx):  # a process's share of a last, tiny batch can be empty
-                x = augment_batch(x, *draws)
+                x = AUGMENTATIONS[self.augment][1](x, *draws)
             yield x.sub_(MEAN).div_(STD), self.labels[idx]
 
     def _share(self, n):
@@ -166,7 +226,8 @@ def _leave_signals_to_the_main_process(worker_id):
 
 
 def make_loader(images, labels, *, batch_size, train, loader="fast", device="cpu", seed=None, workers=0,
-                pin_memory=False, drop_last=False, shuffle=None, shard=(0, 1), **dataloader_options):
+                pin_memory=False, drop_last=False, shuffle=None, shard=(0, 1), augment="classic",
+                **dataloader_options):
     """A loader over (images uint8 (N, 28, 28), labels): augmented when `train`, shuffled when `shuffle` (default:
     when `train`).
 
@@ -181,8 +242,11 @@ def make_loader(images, labels, *, batch_size, train, loader="fast", device="cpu
     rank, world_size = shard
     shuffle = train if shuffle is None else shuffle
     if loader == "fast":
-        return FastMNISTLoader(images, labels, batch_size, shuffle=shuffle, augment=train, device=device, seed=seed,
+        return FastMNISTLoader(images, labels, batch_size, shuffle=shuffle, augment=train and augment, device=device,
+                               seed=seed,
                                drop_last=drop_last, rank=rank, world_size=world_size)
+    if train and augment != "classic":
+        raise ValueError(f"augment={augment!r} needs the fast loader: the classic one has the original's only")
     dataset = MNISTImages(images, labels, get_train_transforms() if train else get_test_transforms())
     options = {"batch_size": batch_size, "num_workers": workers, "drop_last": drop_last,
                "pin_memory": pin_memory and pins_memory(device),  # pinned pages only speed copies to a GPU

@@ -294,7 +294,7 @@ def new_history(saved=None, eval_name="test"):
 
 def fit(model, device, train_loader, test_loader, optimizer, scheduler, criterion, epochs, *, ctx=SINGLE,
         history=None, start_epoch=1, amp_dtype=None, on_epoch_end=None, progress=True, started=None,
-        eval_name="test", warmup_steps=0):
+        eval_name="test", warmup_steps=0, eval_model=None):
     """The epoch loop of every run: train, evaluate, step an epoch-wise scheduler, record.
 
     Appends one value of each EPOCH_RECORD key per epoch to `history` (a new one when None) and returns it,
@@ -304,6 +304,7 @@ def fit(model, device, train_loader, test_loader, optimizer, scheduler, criterio
     stepped every batch, ReduceLROnPlateau with the epoch's test loss, the others once an epoch. The evaluation
     (always the plain NLL) is recorded as `eval_name`_loss/_acc: "val" when `test_loader` holds validation images.
     After `warmup_steps` (and 10 more), a run still at chance gets a warning (see `collapse_warning`).
+    `eval_model`, when given, is what is evaluated instead of `model` (e.g. `model` under test-time augmentation).
     """
     device = torch.device(device)
     for name, value in (("epochs", epochs), ("start_epoch", start_epoch)):
@@ -329,8 +330,8 @@ def fit(model, device, train_loader, test_loader, optimizer, scheduler, criterio
                                             scaler=scaler, progress=progress, steps=history,
                                             epoch_before=epoch - 1)
         train_seconds = time.perf_counter() - t0
-        test_loss, test_acc, n_correct, n = evaluate(model, test_loader, F.nll_loss, device=device, ctx=ctx,
-                                                     amp_dtype=amp_dtype, progress=progress)
+        test_loss, test_acc, n_correct, n = evaluate(eval_model or model, test_loader, F.nll_loss, device=device,
+                                                     ctx=ctx, amp_dtype=amp_dtype, progress=progress)
         say(report_line(test_loss, n_correct, n, eval_name))
         if not warned:
             warning = collapse_warning(history, len(train_loader), warmup_steps)

@@ -4,12 +4,38 @@
 are computed from its result, so one pass over the test set serves all three.
 """
 
+import math
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from s5.data import MEAN, STD
 from s5.device import as_device
+
+SHIFTS = ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1))  # (dx, dy) pixels: the image and its four one-pixel shifts
+
+
+class ShiftAveraged(torch.nn.Module):
+    """Test-time augmentation: `model`'s log-probabilities averaged (as probabilities) over each image and its four
+    one-pixel shifts, in one forward pass of 5 B images. `background` is what shifts in: a normalised 0 pixel.
+
+    Wraps any model of (B, 1, H, W) images to (B, classes) log-probabilities; `.model` is the wrapped one.
+    """
+
+    def __init__(self, model, background=-MEAN / STD):
+        super().__init__()
+        self.model, self.background = model, background
+
+    def forward(self, x):
+        h, w = x.shape[-2:]
+        padded = F.pad(x, (1, 1, 1, 1), value=self.background)
+        views = torch.cat([padded[..., 1 + dy:1 + dy + h, 1 + dx:1 + dx + w] for dx, dy in SHIFTS])
+        if x.is_contiguous(memory_format=torch.channels_last) and x.dim() == 4:
+            views = views.contiguous(memory_format=torch.channels_last)
+        log_probs = self.model(views).float().view(len(SHIFTS), len(x), -1)
+        return torch.logsumexp(log_probs, 0) - math.log(len(SHIFTS))
 
 
 class Predictions(NamedTuple):

@@ -94,7 +94,7 @@ def make_loaders(config, device, ctx):
     common = {"loader": config.loader, "device": device, "workers": config.workers, "pin_memory": True,
               "shard": shard}
     train_loader = make_loader(images, labels, batch_size=config.recipe.batch_size, train=True, seed=config.seed,
-                               **common)
+                               augment=config.recipe.augment, **common)
     eval_batch = -(-TEST_BATCH // ctx.world_size) * ctx.world_size
     val_loader = make_loader(*held_out, batch_size=eval_batch, train=False, **common) if held_out else None
     test_loader = make_loader(*load_split(False, config.data_dir), batch_size=eval_batch, train=False, **common)
@@ -237,15 +237,16 @@ def _fit_and_finish(config, device, ctx, model, optimizer, scheduler, criterion,
             plotted_at = now
             draw_curves(run_dir, hist, eval_name)
 
+    evaluated = evaluation.ShiftAveraged(model) if config.recipe.tta else model  # what every accuracy is of
     # Data-parallel: gradients averaged across processes; checkpoints save the plain `model` (no "module.").
     trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if ctx.active else model
     engine.fit(trained, device, train_loader, val_loader or test_loader, optimizer, scheduler, criterion,
                config.epochs, ctx=ctx, history=history, start_epoch=start_epoch, amp_dtype=amp_dtype,
                on_epoch_end=on_epoch_end, progress=config.progress, started=started, eval_name=eval_name,
-               warmup_steps=warmup_steps(config.recipe, len(train_loader)))
+               warmup_steps=warmup_steps(config.recipe, len(train_loader)), eval_model=evaluated)
     if val_loader is not None:  # the test set, once, for the final figure (choices were made on validation)
-        test_loss, test_acc, n_correct, n = engine.evaluate(model, test_loader, torch.nn.functional.nll_loss,
+        test_loss, test_acc, n_correct, n = engine.evaluate(evaluated, test_loader, torch.nn.functional.nll_loss,
                                                              device=device, ctx=ctx, amp_dtype=amp_dtype,
                                                              progress=False)
         say(engine.report_line(test_loss, n_correct, n, "test") + " (the test set, evaluated once, at the end)")
@@ -264,7 +265,7 @@ def _fit_and_finish(config, device, ctx, model, optimizer, scheduler, criterion,
     if start_epoch > config.epochs:  # a finished run resumed: its curves are drawn again with the rest
         draw_curves(run_dir, history, eval_name)
     run_dir.write("model.pt", checkpoints.weights_bytes(model))
-    predictions = evaluation.predict_loader(model, test_loader, device, amp_dtype, keep_images=True)  # 1 pass, 2 plots
+    predictions = evaluation.predict_loader(evaluated, test_loader, device, amp_dtype, keep_images=True)  # 2 plots
     figures = {"confusion_matrix": plots.plot_confusion_matrix(evaluation.confusion_matrix(predictions)),
                "misclassified": plots.plot_misclassified(evaluation.misclassified(predictions, 24))}
     if board is not None:

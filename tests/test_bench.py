@@ -1,5 +1,6 @@
 """bench.py runs and reports every figure it promises (values are not asserted: timings are not tests)."""
 import json
+import shutil
 import subprocess
 import sys
 
@@ -65,3 +66,17 @@ def test_accuracy_over_seeds_prints_each_run_then_a_consistent_summary(mnist_roo
     assert figures["test_acc"]["std"] == pytest.approx(abs(accs[0] - accs[1]) / 2 ** 0.5)
     assert f"test: mean {figures['test_acc']['mean']:.2f}%" in done.stdout
     assert figures["config"]["val_split"] == 1000 and figures["config"]["recipe"]["epochs"] == 2
+
+
+@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+                    reason="torch.compile on the CPU needs a C++ compiler")
+def test_compile_reports_both_steps_and_whether_compiling_pays_back(mnist_root):
+    done = subprocess.run([sys.executable, str(REPO / "bench.py"), "--batches", "10", "--batch-size", "64",
+                           "--compile", "--data-dir", str(mnist_root)], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr
+    c = json.loads(done.stdout.strip().splitlines()[-1])["compile"]
+    assert c["eager_img_s"] > 0 and c["compiled_img_s"] > 0 and c["compile_seconds"] > 0
+    line = next(line for line in done.stdout.splitlines() if line.startswith("torch.compile"))
+    faster = c["compiled_img_s"] > c["eager_img_s"]
+    assert (c["payback_steps"] is not None) == faster
+    assert ("pays back after" in line) == faster and ("never pays back" in line) != faster

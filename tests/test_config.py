@@ -17,6 +17,7 @@ def test_recipes():
     ({"epochs": 0}, "epochs"), ({"batch_size": -5}, "batch_size"), ({"lr": float("nan")}, "lr"),
     ({"lr": -1}, "lr"), ({"momentum": 2}, "momentum"), ({"epoch": 3}, "epoch"), ({"pct_start": 0}, "pct_start"),
     ({"pct_start": 1.5}, "pct_start"), ({"step_size": 0}, "step_size"), ({"epochs": True}, "epochs"),
+    ({"augment": "rotate"}, "augment"), ({"augment": 5}, "augment"), ({"tta": "yes"}, "tta"),
 ])
 def test_get_recipe_refuses_impossible_values(overrides, field):
     with pytest.raises(ConfigError) as err:
@@ -60,3 +61,19 @@ def test_resume_changes_only_what_may_change():
         config.resumed({"epochs": 2}, epochs_done=3)
     with pytest.raises(ConfigError, match="one-cycle"):
         RunConfig.build("fast").resumed({"epochs": 5}, epochs_done=1)
+
+
+def test_a_stronger_augmentation_needs_the_fast_loader():
+    from dataclasses import replace
+    with pytest.raises(ConfigError) as err:
+        RunConfig(replace(RECIPES["fast"], augment="elastic"), loader="classic")
+    assert err.value.field == "loader" and "fast loader" in str(err.value)
+    assert RunConfig(replace(RECIPES["fast"], augment="elastic")).recipe.augment == "elastic"
+
+
+def test_a_configuration_saved_before_augment_and_tta_reads_back_with_the_old_behaviour():
+    saved = RunConfig.build("fast").to_dict()
+    for key in ("augment", "tta"):
+        del saved["recipe"][key]
+    recipe = RunConfig.from_dict(saved).recipe
+    assert (recipe.augment, recipe.tta) == ("classic", False)

@@ -23,11 +23,12 @@ def torchrun(*args, **kw):
                           cwd=REPO, env=env, **kw)
 
 
-@pytest.mark.parametrize("n, batch, world", [(1000, 64, 2), (1000, 64, 3), (10, 4, 4), (7, 8, 3)])
-def test_shards_are_disjoint_and_add_up_to_the_single_process_batches(n, batch, world):
+@pytest.mark.parametrize("n, batch, world, augment", [(1000, 64, 2, True), (1000, 64, 3, True), (10, 4, 4, True),
+                                                       (7, 8, 3, True), (100, 16, 3, "elastic")])
+def test_shards_are_disjoint_and_add_up_to_the_single_process_batches(n, batch, world, augment):
     images = torch.arange(n).repeat_interleave(28 * 28).view(n, 28, 28).to(torch.uint8)  # image i holds i % 256
     labels = torch.arange(n)
-    kw = dict(batch_size=batch, shuffle=True, augment=True, device="cpu", seed=5)
+    kw = dict(batch_size=batch, shuffle=True, augment=augment, device="cpu", seed=5)
     single = list(FastMNISTLoader(images, labels, **kw))
     shards = [list(FastMNISTLoader(images, labels, rank=r, world_size=world, **kw)) for r in range(world)]
     assert all(len(s) == len(single) for s in shards)  # every process takes the same number of steps

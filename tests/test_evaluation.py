@@ -2,8 +2,9 @@ import pytest
 import torch
 
 from model import Net
+from s5.data import MEAN, STD
 from s5.device import set_seed
-from s5.evaluation import confusion_matrix, misclassified, predict_loader
+from s5.evaluation import ShiftAveraged, confusion_matrix, misclassified, predict_loader
 from s5.plots import plot_confusion_matrix, plot_misclassified
 from utils import get_MNISTdataset_with_loader
 
@@ -50,3 +51,22 @@ def test_misclassified_refuses_a_negative_k(test_loader):
     with pytest.raises(ValueError, match="k=-1"):
         misclassified(predictions, k=-1)  # was every mistake but one
     assert misclassified(predictions, k=0) == []
+
+
+def test_shift_averaging_is_the_mean_probability_over_the_image_and_its_four_one_pixel_shifts():
+    set_seed(0)
+    model = Net().eval()
+    x = torch.randn(4, 1, 28, 28)
+    background = -MEAN / STD
+    views = []
+    for dx, dy in ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1)):
+        shifted = torch.full_like(x, background)  # a view shifted by (dx, dy): pixel (i, j) is x's (i + dy, j + dx)
+        shifted[..., max(0, -dy):28 - max(0, dy), max(0, -dx):28 - max(0, dx)] = \
+            x[..., max(0, dy):28 - max(0, -dy), max(0, dx):28 - max(0, -dx)]
+        views.append(model(shifted).exp())
+    with torch.no_grad():
+        averaged = ShiftAveraged(model)(x)
+        torch.testing.assert_close(averaged.exp(), torch.stack(views).mean(0).detach(), atol=1e-5, rtol=1e-4)
+        assert not torch.allclose(averaged, model(x), atol=1e-3)  # the shifts do change the answer
+        channels_last = ShiftAveraged(model)(x.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(channels_last, averaged, atol=1e-5, rtol=1e-4)

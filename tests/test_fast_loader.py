@@ -10,10 +10,12 @@ from s5.data import (
     MEAN,
     STD,
     FastMNISTLoader,
+    affine_batch,
     augment_batch,
     get_mnist_dataset,
     get_test_transforms,
     get_train_transforms,
+    sample_affine,
     sample_augmentation,
 )
 from utils import get_MNISTdataset_with_loader
@@ -141,3 +143,58 @@ def test_augmented_batches_differ_from_plain_ones(real_train):
     plain = next(iter(make(*real_train)))[0]
     augmented = next(iter(make(*real_train, augment=True)))[0]
     assert (plain - augmented).abs().mean() > 0.05
+
+
+def centre_of_mass(images):
+    """(x, y) centre of each (B, 1, H, W) image's ink, in pixels."""
+    h, w = images.shape[-2:]
+    mass = images.sum((1, 2, 3))
+    ys, xs = torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32)
+    return torch.stack([(images.sum((1, 2)) * xs).sum(1) / mass, (images.sum((1, 3)) * ys).sum(1) / mass], 1)
+
+
+def test_affine_without_ranges_is_the_identity(real_train):
+    x = real_train[0][:8].unsqueeze(1).float() / 255
+    draws = sample_affine(8, torch.Generator().manual_seed(0), "cpu", degrees=0, scale=0, shear=0, shift=0)
+    torch.testing.assert_close(affine_batch(x, *draws), x, atol=1e-5, rtol=0)
+
+
+def test_affine_shifts_scales_and_rotates_within_its_ranges():
+    blob = torch.zeros(512, 1, 28, 28)
+    blob[:, :, 10:18, 12:16] = 1.0  # an upright bar in the middle
+    gen = torch.Generator().manual_seed(0)
+    moved = affine_batch(blob, *sample_affine(512, gen, "cpu", degrees=0, scale=0, shear=0, shift=2.0))
+    offset = centre_of_mass(moved) - centre_of_mass(blob)
+    assert offset.abs().max() <= 2.05 and offset.std(0).min() > 0.8  # up to 2 pixels, in both directions
+    zoomed = affine_batch(blob, *sample_affine(512, gen, "cpu", degrees=0, scale=0.1, shear=0, shift=0))
+    area = zoomed.sum((1, 2, 3)) / blob.sum((1, 2, 3))
+    assert 0.9**2 - 0.02 < area.min() and area.max() < 1.1**2 + 0.02 and area.std() > 0.05
+    turned = affine_batch(blob, *sample_affine(512, gen, "cpu", degrees=10, scale=0, shear=0, shift=0))
+    angles = orientation_degrees(turned)
+    assert angles.abs().max() < 11 and angles.std() > 4
+
+
+def test_elastic_distortion_is_smooth_and_local(real_train):
+    x = real_train[0][:64].unsqueeze(1).float() / 255
+    gen = torch.Generator().manual_seed(0)
+    theta, noise = sample_affine(64, gen, "cpu", degrees=0, scale=0, shear=0, shift=0, elastic=34.0)
+    assert noise.shape == (64, 2, 28, 28) and noise.abs().max() <= 1
+    warped = affine_batch(x, theta, noise, elastic=34.0, sigma=4.0)
+    changed = (warped - x).abs().mean((1, 2, 3))
+    assert changed.min() > 0.01  # every image is distorted
+    assert warped.sum() / x.sum() == pytest.approx(1.0, abs=0.1)  # ink moves, it is not created or lost
+    assert centre_of_mass(warped).sub(centre_of_mass(x)).abs().max() < 3  # a local warp, not a shift
+
+
+@pytest.mark.parametrize("augment", ["affine", "elastic"])
+def test_each_augmentation_is_reproducible_by_seed_and_epoch(real_train, augment):
+    a, b = make(*real_train, shuffle=True, augment=augment), make(*real_train, shuffle=True, augment=augment)
+    first = next(iter(a))[0]
+    assert torch.equal(first, next(iter(b))[0])  # same seed, same epoch: the same batch
+    assert not torch.equal(first, next(iter(a))[0])  # the next epoch draws anew
+    assert (first - next(iter(make(*real_train, shuffle=True)))[0]).abs().mean() > 0.05  # it does augment
+
+
+def test_an_unknown_augmentation_is_refused(real_train):
+    with pytest.raises(ValueError, match="augment='rotate'.*classic, affine, elastic"):
+        make(*real_train, augment="rotate")

@@ -1,4 +1,5 @@
 """train.py end to end, in subprocesses, as a user runs it (one in-process test counts plot redraws)."""
+import json
 import os
 import resource
 import shutil
@@ -158,6 +159,8 @@ def snapshot(folder):
     (["--seed", "-1"], "--seed: -1 is out of range"),
     (["--device", "tpu"], "device 'tpu'"),
     (["--device", "garbage"], "unknown device 'garbage'"),
+    (["--recipe", "best", "--loader", "classic"], "--loader: the classic loader has the original's augmentation only"),
+    (["--augment", "elastic", "--loader", "classic"], "--loader: the classic loader has the original's"),
 ])
 def test_impossible_flags_fail_before_any_work(tmp_path, capsys, flags, needle):
     done = main_in_process(capsys, *flags, "--data-dir", tmp_path / "data", "--out", tmp_path / "out")
@@ -267,6 +270,7 @@ def copy_of(run, tmp_path):
 @pytest.mark.parametrize("flags, name", [
     (["--lr", "0.1"], "--lr"), (["--batch-size", "32"], "--batch-size"), (["--recipe", "fast"], "--recipe"),
     (["--seed", "9"], "--seed"), (["--train-subset", "100"], "--train-subset"), (["--loader", "classic"], "--loader"),
+    (["--augment", "affine"], "--augment"), (["--tta"], "--tta"),
 ])
 def test_resume_refuses_flags_that_define_the_run(finished_run, tmp_path, capsys, flags, name):
     run = copy_of(finished_run, tmp_path)
@@ -541,3 +545,30 @@ def test_a_missing_process_is_waited_for_a_bounded_time(tmp_path):
     done = subprocess.run([sys.executable, str(REPO / "train.py"), "--out", str(tmp_path / "o")], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=300)
     assert_one_line_error(done, 2, "process 0 of 2 could not join the group at 127.0.0.1", "within 3 s")
+
+
+def test_a_run_with_affine_augmentation_and_tta_records_and_saves_what_it_evaluated(tmp_path, mnist_root):
+    from model import Net
+    from s5.checkpoints import read_resumable
+    from s5.data import make_loader
+    from s5.engine import evaluate
+    from s5.evaluation import ShiftAveraged
+    from s5.mnist import load_split
+    out = tmp_path / "run"
+    done = run_train("--recipe", "best", "--epochs", "2", "--train-subset", "2048", "--val-split", "1000", "--tta",
+                     "--deterministic", "--no-amp", "--no-channels-last", "--data-dir", mnist_root, "--out", out)
+    assert done.returncode == 0, done.stderr
+    saved = read_resumable(out / "last.pt", Net())
+    assert (saved.config.recipe.augment, saved.config.recipe.tta) == ("affine", True)
+    final = json.loads((out / "final.json").read_text())
+    model = Net()
+    model.load_state_dict(torch.load(out / "model.pt", weights_only=True))
+    test = make_loader(*load_split(False, mnist_root), batch_size=256, train=False)
+    loss, acc, _, _ = evaluate(ShiftAveraged(model), test, torch.nn.functional.nll_loss, device=torch.device("cpu"),
+                               progress=False)
+    plain_loss = evaluate(model, test, torch.nn.functional.nll_loss, device=torch.device("cpu"), progress=False)[0]
+    # the reported figures are the shift-averaged model's (to rounding: another thread count may sum in another
+    # order, and round a near-tie the other way), not the plain model's
+    assert loss == pytest.approx(final["test_loss"], rel=1e-4) and acc == pytest.approx(final["test_acc"], abs=0.011)
+    assert abs(plain_loss - loss) > 1e-3 * loss
+    assert acc > 80  # 32 steps of the 20-epoch schedule's warm-up already learn on affine-augmented digits
