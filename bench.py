@@ -2,6 +2,7 @@
 
     python bench.py                    # training and evaluation img/s, ratios
     python bench.py --time-to-target   # also: the fast recipe's wall-clock time to 99.3% (runs train.py)
+    python bench.py --compile          # also: torch.compile (inductor) against eager, and whether it pays back
     python bench.py --recipe fast --seeds 10 [--val-split 10000]   # a recipe's accuracy over 10 seeds
 
 Training: the same Net and SGD step, fed by (1) the classic torchvision DataLoader with per-image PIL
@@ -21,6 +22,7 @@ import argparse
 import csv
 import itertools
 import json
+import math
 import os
 import subprocess
 import sys
@@ -143,11 +145,11 @@ def compile_payback(fresh_model, device, loader, amp_dtype, batches):
     eager = train_throughput(fresh_model(True), device, loader, amp_dtype, batches, warmup_seconds=eager_warmup)
     compiled = train_throughput(torch.compile(fresh_model(True)), device, loader, amp_dtype, batches,
                                 warmup_seconds=compiled_warmup)
-    compile_seconds = compiled_warmup[0] - eager_warmup[0]
+    compile_seconds = max(0.0, compiled_warmup[0] - eager_warmup[0])
     saved_a_step = loader.batch_size / eager - loader.batch_size / compiled
     return {"eager_img_s": round(eager, 1), "compiled_img_s": round(compiled, 1),
             "compile_seconds": round(compile_seconds, 1),
-            "payback_steps": round(compile_seconds / saved_a_step) if saved_a_step > 0 else None}
+            "payback_steps": math.ceil(compile_seconds / saved_a_step) if saved_a_step > 0 else None}
 
 
 def time_to_target(target, data_dir):
@@ -248,6 +250,9 @@ def main(argv=None):
     sweep_flags.add_argument("--val-split", type=cli.whole_number(0, config.TRAIN_IMAGES - 1), default=0,
                              help="hold out N training images for validation in every run")
     args = p.parse_args(argv)
+    if args.seeds and (args.compile or args.time_to_target):
+        p.error(f"argument {'--compile' if args.compile else '--time-to-target'}: not with --seeds (it measures "
+                "accuracy, not speed): run them apart")
     if args.seeds:
         return seeds_main(args)
     args.batch_size = args.batch_size or 512
@@ -326,11 +331,15 @@ def main(argv=None):
         fast = config.RECIPES["fast"]
         loader = data.make_loader(*train_split, batch_size=fast.batch_size, train=True, device=device)
         steps = fast.epochs * len(loader)
-        figures["compile"] = compile_payback(fresh_model, device, loader, amp_dtype, args.batches)
-        c = figures["compile"]
-        pays = (f"pays back after {c['payback_steps']} steps (a fast run has {steps})" if c["payback_steps"]
-                else "never pays back: a compiled step is slower")
-        print(f"torch.compile, fast recipe's step (batch {fast.batch_size}, {precision}, channels_last): eager "
+        try:
+            figures["compile"] = c = compile_payback(fresh_model, device, loader, amp_dtype, args.batches)
+        except Exception as e:  # inductor's errors (no C++ compiler, an unsupported device) have many types
+            cli.fail(f"torch.compile failed here ({(str(e).strip().splitlines() or [type(e).__name__])[0][:200]}): "
+                     "on the CPU it needs a C++ compiler (g++ or clang); leave out --compile", cli.EXIT_FAILED)
+        pays = (f"pays back after {c['payback_steps']} steps (a fast run has {steps})"
+                if c["payback_steps"] is not None else "never pays back: a compiled step is slower")
+        print(f"torch.compile, the table's training step at the fast recipe's batch {fast.batch_size} ({precision}, "
+              f"channels_last): eager "
               f"{c['eager_img_s']:.0f} img/s, compiled {c['compiled_img_s']:.0f} img/s after "
               f"{c['compile_seconds']:.0f} s of compiling; {pays}")
     if args.time_to_target:

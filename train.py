@@ -29,8 +29,8 @@ def build_parser():
     p = cli.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=cli.HelpFormatter,
                            argument_default=argparse.SUPPRESS)  # absent flags leave no value: the config's apply
     p.add_argument("--recipe", choices=sorted(config.RECIPES), help="seed = the original notebook; fast = AdamW "
-                   "one-cycle, 2 epochs; best = fast for 20 epochs on rotated, scaled, sheared, shifted digits "
-                   "(default: seed)")
+                   "one-cycle, 2 epochs; one-epoch = fast for 1 epoch at batch 64 on rotated, scaled, sheared, "
+                   "shifted digits; best = fast for 20 epochs on those digits (default: seed)")
     p.add_argument("--epochs", type=cli.whole_number(1), help="epochs (default: the recipe's)")
     p.add_argument("--batch-size", type=cli.whole_number(1, config.TRAIN_IMAGES), help="batch size (default: the "
                    "recipe's)")

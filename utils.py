@@ -56,14 +56,15 @@ _FAST_KWARGS = {"batch_size", "shuffle", "drop_last", "num_workers", "pin_memory
 
 
 def get_MNISTdataset_with_loader(datasettype, kwargs=None, loader="fast", data_dir=None, device=None, subset=None,
-                                 seed=None, checksums=_MNIST_MD5, shard=(0, 1)):
+                                 seed=None, checksums=_MNIST_MD5, shard=(0, 1), augment="classic"):
     """The loader for the 'train' or 'test' split, from DataLoader-style kwargs (batch_size, shuffle, drop_last,
     num_workers, pin_memory, ...), as the original notebook called it.
 
     loader='fast' (default) gives a FastMNISTLoader on `device` (default: CUDA when present, else the CPU),
     augmenting whole batches there; loader='classic' the original DataLoader with per-image PIL transforms.
     Both read the same verified files. `subset` keeps the first N images; `seed` fixes the shuffling and
-    augmentation; `shard=(rank, world_size)` gives process `rank` its share of every global batch.
+    augmentation; `shard=(rank, world_size)` gives process `rank` its share of every global batch; `augment` names
+    the training augmentation (a recipe's: "classic", the original's, or with the fast loader "affine", "elastic").
     """
     if datasettype not in ("train", "test"):
         raise ValueError(f"unknown datasettype {datasettype!r}: use 'train' or 'test'")
@@ -98,7 +99,7 @@ def get_MNISTdataset_with_loader(datasettype, kwargs=None, loader="fast", data_d
         options = {}
     return make_loader(images, labels, batch_size=batch_size, train=datasettype == "train", loader=loader,
                        device=device, seed=seed, workers=workers, pin_memory=pin, drop_last=drop_last,
-                       shuffle=shuffle, shard=shard, **options)
+                       shuffle=shuffle, shard=shard, augment=augment, **options)
 
 
 def GetCorrectPredCount(pPrediction, pLabels):

@@ -11,7 +11,7 @@ import math
 import os
 from dataclasses import asdict, dataclass, fields, replace
 
-from s5.data import AUGMENTATIONS  # noqa: F401 (train.py's --augment choices too)
+from s5.data import AUGMENTATIONS
 from s5.mnist import DATA_DIR
 
 RUNS_DIR = "runs"  # where a run without a chosen folder goes: runs/<recipe>-<date>-<time>
@@ -103,7 +103,11 @@ RECIPES = {
     # chance (docs/recipes.md); label smoothing 0.1 in fp32 added 0.1 points on validation.
     "fast": Recipe("fast", epochs=2, batch_size=128, lr=3e-3, optimizer="AdamW", weight_decay=5e-4,
                    scheduler="OneCycleLR", label_smoothing=0.1),
-    # `fast`, for 20 epochs, on digits randomly rotated, scaled, sheared and shifted (docs/recipes.md#best).
+    # `fast` on digits randomly rotated, scaled, sheared and shifted, for one epoch at batch 64 (docs/recipes.md,
+    # "one-epoch and best")
+    "one-epoch": Recipe("one-epoch", epochs=1, batch_size=64, lr=3e-3, optimizer="AdamW", weight_decay=5e-4,
+                        scheduler="OneCycleLR", label_smoothing=0.1, augment="affine"),
+    # `fast`, for 20 epochs, on the same affine digits (ibid.)
     "best": Recipe("best", epochs=20, batch_size=128, lr=3e-3, optimizer="AdamW", weight_decay=5e-4,
                    scheduler="OneCycleLR", label_smoothing=0.1, augment="affine"),
 }
@@ -163,8 +167,8 @@ class RunConfig:
         if self.out is not None:
             _check_str(self, "out")
         if self.loader == "classic" and self.recipe.augment != "classic":
-            raise ConfigError("loader", f"the classic loader has the original's augmentation only, and recipe "
-                                        f"{self.name!r} uses {self.recipe.augment!r}: use the fast loader")
+            raise ConfigError("loader", f"the classic loader has the original's augmentation only, not "
+                                        f"{self.recipe.augment!r}: use the fast loader, or the classic augmentation")
         if self.recipe.batch_size > TRAIN_IMAGES:
             raise ConfigError("batch_size", f"{self.recipe.batch_size} is more than the {TRAIN_IMAGES:,} training "
                                             f"images: give 1 to {TRAIN_IMAGES}")

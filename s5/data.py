@@ -83,24 +83,35 @@ def augment_batch(images, angles, cropped, crop=22):
     return F.grid_sample(images, grid, mode="nearest", padding_mode="zeros", align_corners=False)
 
 
-def sample_affine(n, generator, device, degrees=10.0, scale=0.1, shear=10.0, shift=2.0, elastic=0.0, size=28):
-    """Random draws of the `affine` augmentation for n images: each image's 2x3 sampling matrix (rotation by up to
-    `degrees`, scale by 1 ± `scale`, shear by up to `shear` degrees, shift by up to `shift` pixels, in
-    affine_grid's normalised coordinates), and with `elastic` > 0 an (n, 2, size, size) field of uniform noise
-    in [-1, 1] that `affine_batch` smooths into an elastic distortion (Simard et al. 2003)."""
+def sample_affine(n, generator, device, degrees=10.0, scale=0.1, shear=10.0, shift=2.0, elastic=0.0, sigma=4.0,
+                  size=28):
+    """Random draws of the `affine` augmentation for n images, as `affine_batch` takes them.
+
+    Each image's 2x3 sampling matrix (affine_grid's: the input point each output pixel reads, in normalised
+    coordinates): the digit shifted by up to `shift` pixels each way, then rotated by up to `degrees`, sheared
+    along x by up to `shear` degrees and scaled by 1 ± `scale`, about the centre. With `elastic` > 0 also an
+    elastic distortion (Simard et al. 2003, their alpha and sigma): uniform noise in [-1, 1] for each pixel and
+    direction, smoothed by a Gaussian of `sigma` pixels and scaled to `elastic` pixels, as an (n, size, size, 2)
+    displacement of the sampling grid. Everything random is drawn here, for the whole batch, so a process's share
+    of it is exactly its part of the single-process batch.
+    """
     def uniform(half_width):
         return (torch.rand(n, generator=generator, device=device) * 2 - 1) * half_width
 
     rad, shear_rad = torch.deg2rad(uniform(degrees)), torch.deg2rad(uniform(shear))
     zoom = 1 + uniform(scale)
     cos, sin, tan = torch.cos(rad), torch.sin(rad), torch.tan(shear_rad)
-    # rotation @ shear-along-x, divided by the zoom: the input coordinates each output pixel samples
+    # output pixel p reads input point (rotation @ shear / zoom) p + t: the image shifted by -t, then warped
     theta = torch.stack([torch.stack([cos, cos * tan - sin, uniform(shift) * 2 / size], 1),
                          torch.stack([sin, sin * tan + cos, uniform(shift) * 2 / size], 1)], 1) / zoom.view(-1, 1, 1)
-    theta[:, :, 2] *= zoom.view(-1, 1)  # the shift is not scaled
+    theta[:, :, 2] *= zoom.view(-1, 1)  # the division above is the scale of the warp, not of the shift
     if not elastic:
         return (theta,)
-    return theta, torch.rand(n, 2, size, size, generator=generator, device=device) * 2 - 1
+    noise = torch.rand(n * 2, 1, size, size, generator=generator, device=device) * 2 - 1
+    k = _gaussian_kernel(sigma, device)
+    field = F.conv2d(F.conv2d(noise, k.view(1, 1, 1, -1), padding=(0, len(k) // 2)), k.view(1, 1, -1, 1),
+                     padding=(len(k) // 2, 0))
+    return theta, field.view(n, 2, size, size).permute(0, 2, 3, 1) * (elastic * 2 / size)  # pixels -> normalised
 
 
 def _gaussian_kernel(sigma, device):
@@ -110,19 +121,12 @@ def _gaussian_kernel(sigma, device):
     return kernel / kernel.sum()
 
 
-def affine_batch(images, theta, noise=None, *, elastic=0.0, sigma=4.0):
-    """A batch of (B, 1, H, W) images (0 = background) warped by `sample_affine`'s draws in one grid_sample
-    (bilinear): the affine map, plus where `noise` is given its Gaussian-smoothed (`sigma` pixels) field
-    scaled by `elastic` pixels, Simard et al.'s elastic distortion (their alpha and sigma)."""
+def affine_batch(images, theta, field=None):
+    """A batch of (B, 1, H, W) images (0 = background) warped by `sample_affine`'s draws in one bilinear
+    grid_sample: the affine map, displaced by the elastic `field` where one is given."""
     grid = F.affine_grid(theta.float(), list(images.shape), align_corners=False)
-    if noise is not None:
-        b, _, h, w = noise.shape
-        k = _gaussian_kernel(sigma, noise.device)
-        field = noise.reshape(b * 2, 1, h, w)
-        field = F.conv2d(F.conv2d(field, k.view(1, 1, 1, -1), padding=(0, len(k) // 2)),
-                         k.view(1, 1, -1, 1), padding=(len(k) // 2, 0))
-        field = field.view(b, 2, h, w) * elastic
-        grid = grid + field.permute(0, 2, 3, 1) * torch.tensor([2 / w, 2 / h], device=grid.device)
+    if field is not None:
+        grid = grid + field
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
@@ -130,13 +134,12 @@ def affine_batch(images, theta, noise=None, *, elastic=0.0, sigma=4.0):
 # apply them to a batch).
 # "classic" is the original's; "affine" shifts, scales, shears and rotates; "elastic" adds Simard's distortion.
 # pixels; Simard et al. 2003 used alpha 34 on 29x29 digits: here that ended 0.4 points behind affine alone on
-# validation after 15 epochs, alpha 12 level with it after 20 (docs/recipes.md#best)
+# validation after 15 epochs, alpha 12 level with it after 20 (docs/recipes.md#one-epoch-and-best)
 ELASTIC_ALPHA, ELASTIC_SIGMA = 12.0, 4.0
 AUGMENTATIONS = {
     "classic": (sample_augmentation, augment_batch),
     "affine": (sample_affine, affine_batch),
-    "elastic": (functools.partial(sample_affine, elastic=ELASTIC_ALPHA),
-                functools.partial(affine_batch, elastic=ELASTIC_ALPHA, sigma=ELASTIC_SIGMA)),
+    "elastic": (functools.partial(sample_affine, elastic=ELASTIC_ALPHA, sigma=ELASTIC_SIGMA), affine_batch),
 }
 
 
@@ -153,8 +156,8 @@ class FastMNISTLoader:
 
     A drop-in for a DataLoader in `train`, `test` and `post_display`: iterate for normalised
     `(images, labels)` batches of shape (B, 1, 28, 28) float32 and (B,) int64; `len()` is the
-    number of batches. Augmentation (train split) is `augment_batch`, the original's
-    augmentation done once per batch instead of with PIL once per image.
+    number of batches. Augmentation (train split) is `augment` of AUGMENTATIONS: "classic" (or True) is
+    `augment_batch`, the original's augmentation done once per batch instead of with PIL once per image.
 
     Epoch e is shuffled and augmented from seed + e, so a run is reproducible and a resumed run
     sees the same batches (`set_epoch`, as with DistributedSampler; iterating also advances it).
@@ -247,8 +250,9 @@ def make_loader(images, labels, *, batch_size, train, loader="fast", device="cpu
         return FastMNISTLoader(images, labels, batch_size, shuffle=shuffle, augment=train and augment, device=device,
                                seed=seed,
                                drop_last=drop_last, rank=rank, world_size=world_size)
-    if train and augment != "classic":
-        raise ValueError(f"augment={augment!r} needs the fast loader: the classic one has the original's only")
+    if train and augment not in ("classic", True):
+        raise ValueError(f"augment={augment!r}: the classic loader has the original's augmentation only (augment="
+                         "'classic'); use loader='fast' for the others, or train=False for none")
     dataset = MNISTImages(images, labels, get_train_transforms() if train else get_test_transforms())
     options = {"batch_size": batch_size, "num_workers": workers, "drop_last": drop_last,
                "pin_memory": pin_memory and pins_memory(device),  # pinned pages only speed copies to a GPU

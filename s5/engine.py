@@ -330,8 +330,9 @@ def fit(model, device, train_loader, test_loader, optimizer, scheduler, criterio
                                             scaler=scaler, progress=progress, steps=history,
                                             epoch_before=epoch - 1)
         train_seconds = time.perf_counter() - t0
-        test_loss, test_acc, n_correct, n = evaluate(eval_model or model, test_loader, F.nll_loss, device=device,
-                                                     ctx=ctx, amp_dtype=amp_dtype, progress=progress)
+        evaluated = model if eval_model is None else eval_model
+        test_loss, test_acc, n_correct, n = evaluate(evaluated, test_loader, F.nll_loss, device=device, ctx=ctx,
+                                                     amp_dtype=amp_dtype, progress=progress)
         say(report_line(test_loss, n_correct, n, eval_name))
         if not warned:
             warning = collapse_warning(history, len(train_loader), warmup_steps)

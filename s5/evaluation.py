@@ -14,7 +14,9 @@ from tqdm.auto import tqdm
 from s5.data import MEAN, STD
 from s5.device import as_device
 
-SHIFTS = ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1))  # (dx, dy) pixels: the image and its four one-pixel shifts
+# (dx, dy): a view reads pixel (i + dy, j + dx) at (i, j), so (1, 0) moves the digit one pixel left. The image and
+# its four one-pixel shifts.
+SHIFTS = ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1))
 
 
 class ShiftAveraged(torch.nn.Module):
@@ -32,9 +34,7 @@ class ShiftAveraged(torch.nn.Module):
         h, w = x.shape[-2:]
         padded = F.pad(x, (1, 1, 1, 1), value=self.background)
         views = torch.cat([padded[..., 1 + dy:1 + dy + h, 1 + dx:1 + dx + w] for dx, dy in SHIFTS])
-        if x.is_contiguous(memory_format=torch.channels_last) and x.dim() == 4:
-            views = views.contiguous(memory_format=torch.channels_last)
-        log_probs = self.model(views).float().view(len(SHIFTS), len(x), -1)
+        log_probs = self.model(views).float().unflatten(0, (len(SHIFTS), len(x)))  # also for an empty batch
         return torch.logsumexp(log_probs, 0) - math.log(len(SHIFTS))
 
 

@@ -254,7 +254,7 @@ def _fit_and_finish(config, device, ctx, model, optimizer, scheduler, criterion,
         test_loss, test_acc = history["test_loss"][-1], history["test_acc"][-1]
     if run_dir is not None:
         run_dir.write("final.json", (json.dumps({"test_loss": test_loss, "test_acc": test_acc, "epochs": config.epochs,
-                                                 "evaluated_on": eval_name}) + "\n").encode())
+                                                 "evaluated_on": eval_name, "tta": config.recipe.tta}) + "\n").encode())
     if ctx.active:
         if not distributed.same_on_every_rank(ctx, list(model.parameters())):
             raise distributed.GroupError("the processes ended with different weights: a bug, please report it")

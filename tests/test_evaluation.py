@@ -70,3 +70,4 @@ def test_shift_averaging_is_the_mean_probability_over_the_image_and_its_four_one
         assert not torch.allclose(averaged, model(x), atol=1e-3)  # the shifts do change the answer
         channels_last = ShiftAveraged(model)(x.contiguous(memory_format=torch.channels_last))
     torch.testing.assert_close(channels_last, averaged, atol=1e-5, rtol=1e-4)
+    assert ShiftAveraged(model)(x[:0]).shape == (0, 10)  # a process's empty share of a last batch

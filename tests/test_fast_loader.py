@@ -177,9 +177,12 @@ def test_affine_shifts_scales_and_rotates_within_its_ranges():
 def test_elastic_distortion_is_smooth_and_local(real_train):
     x = real_train[0][:64].unsqueeze(1).float() / 255
     gen = torch.Generator().manual_seed(0)
-    theta, noise = sample_affine(64, gen, "cpu", degrees=0, scale=0, shear=0, shift=0, elastic=34.0)
-    assert noise.shape == (64, 2, 28, 28) and noise.abs().max() <= 1
-    warped = affine_batch(x, theta, noise, elastic=34.0, sigma=4.0)
+    theta, field = sample_affine(64, gen, "cpu", degrees=0, scale=0, shear=0, shift=0, elastic=34.0, sigma=4.0)
+    pixels = field * 14  # normalised coordinates -> pixels
+    assert field.shape == (64, 28, 28, 2) and 0.5 < pixels.abs().max() < 34  # alpha bounds it; smoothing shrinks it
+    step = (pixels[:, 1:] - pixels[:, :-1]).abs().mean() + (pixels[:, :, 1:] - pixels[:, :, :-1]).abs().mean()
+    assert step < 0.2 * pixels.abs().mean()  # smooth: neighbours move alike (raw noise would differ by ~1.3x)
+    warped = affine_batch(x, theta, field)
     changed = (warped - x).abs().mean((1, 2, 3))
     assert changed.min() > 0.01  # every image is distorted
     assert warped.sum() / x.sum() == pytest.approx(1.0, abs=0.1)  # ink moves, it is not created or lost

@@ -561,6 +561,7 @@ def test_a_run_with_affine_augmentation_and_tta_records_and_saves_what_it_evalua
     saved = read_resumable(out / "last.pt", Net())
     assert (saved.config.recipe.augment, saved.config.recipe.tta) == ("affine", True)
     final = json.loads((out / "final.json").read_text())
+    assert final["tta"] is True
     model = Net()
     model.load_state_dict(torch.load(out / "model.pt", weights_only=True))
     test = make_loader(*load_split(False, mnist_root), batch_size=256, train=False)
