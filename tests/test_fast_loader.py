@@ -180,8 +180,9 @@ def test_elastic_distortion_is_smooth_and_local(real_train):
     theta, field = sample_affine(64, gen, "cpu", degrees=0, scale=0, shear=0, shift=0, elastic=34.0, sigma=4.0)
     pixels = field * 14  # normalised coordinates -> pixels
     assert field.shape == (64, 28, 28, 2) and 0.5 < pixels.abs().max() < 34  # alpha bounds it; smoothing shrinks it
-    step = (pixels[:, 1:] - pixels[:, :-1]).abs().mean() + (pixels[:, :, 1:] - pixels[:, :, :-1]).abs().mean()
-    assert step < 0.2 * pixels.abs().mean()  # smooth: neighbours move alike (raw noise would differ by ~1.3x)
+    # smooth: neighbouring pixels move alike (about 0.17x the mean displacement apart for sigma 4; raw noise, ~1.3x)
+    step = max((pixels[:, 1:] - pixels[:, :-1]).abs().mean(), (pixels[:, :, 1:] - pixels[:, :, :-1]).abs().mean())
+    assert step < 0.3 * pixels.abs().mean()
     warped = affine_batch(x, theta, field)
     changed = (warped - x).abs().mean((1, 2, 3))
     assert changed.min() > 0.01  # every image is distorted
