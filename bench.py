@@ -339,8 +339,7 @@ def main(argv=None):
         pays = (f"pays back after {c['payback_steps']} steps (a fast run has {steps})"
                 if c["payback_steps"] is not None else "never pays back: a compiled step is slower")
         print(f"torch.compile, the table's training step at the fast recipe's batch {fast.batch_size} ({precision}, "
-              f"channels_last): eager "
-              f"{c['eager_img_s']:.0f} img/s, compiled {c['compiled_img_s']:.0f} img/s after "
+              f"channels_last): eager {c['eager_img_s']:.0f} img/s, compiled {c['compiled_img_s']:.0f} img/s after "
               f"{c['compile_seconds']:.0f} s of compiling; {pays}")
     if args.time_to_target:
         seconds, acc, final, total = time_to_target(args.target, args.data_dir)

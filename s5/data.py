@@ -55,9 +55,14 @@ def get_mnist_dataset(train, root=None, transform=None, checksums=MNIST_MD5):
     return MNISTImages(*load_split(train, root, checksums), transform=transform)
 
 
+def _uniform(n, half_width, generator, device):
+    """n draws, uniform in [-half_width, half_width]."""
+    return (torch.rand(n, generator=generator, device=device) * 2 - 1) * half_width
+
+
 def sample_augmentation(n, generator, device, max_degrees=15.0, crop_p=0.1):
     """Random draws of the train augmentation for n images: angles in degrees, and which are cropped."""
-    angles = (torch.rand(n, generator=generator, device=device) * 2 - 1) * max_degrees
+    angles = _uniform(n, max_degrees, generator, device)
     cropped = torch.rand(n, generator=generator, device=device) < crop_p
     return angles, cropped
 
@@ -96,7 +101,7 @@ def sample_affine(n, generator, device, degrees=10.0, scale=0.1, shear=10.0, shi
     of it is exactly its part of the single-process batch.
     """
     def uniform(half_width):
-        return (torch.rand(n, generator=generator, device=device) * 2 - 1) * half_width
+        return _uniform(n, half_width, generator, device)
 
     rad, shear_rad = torch.deg2rad(uniform(degrees)), torch.deg2rad(uniform(shear))
     zoom = 1 + uniform(scale)
@@ -130,12 +135,13 @@ def affine_batch(images, theta, field=None):
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
-# The fast loader's augmentations by name (a recipe's `augment`): (draw the random parameters for n images,
-# apply them to a batch).
-# "classic" is the original's; "affine" shifts, scales, shears and rotates; "elastic" adds Simard's distortion.
-# pixels; Simard et al. 2003 used alpha 34 on 29x29 digits: here that ended 0.4 points behind affine alone on
-# validation after 15 epochs, alpha 12 level with it after 20 (docs/recipes.md#one-epoch-and-best)
+# The elastic distortion's alpha and sigma, in pixels. Simard et al. 2003 used alpha 34 on 29x29 digits: here that
+# ended 0.4 points behind affine alone on validation after 15 epochs, alpha 12 level with it after 20
+# (docs/recipes.md#one-epoch-and-best).
 ELASTIC_ALPHA, ELASTIC_SIGMA = 12.0, 4.0
+# The fast loader's augmentations by name (a recipe's `augment`): (draw the random parameters for n images, apply
+# them to a batch). "classic" is the original's; "affine" shifts, rotates, shears and scales; "elastic" adds
+# Simard's distortion.
 AUGMENTATIONS = {
     "classic": (sample_augmentation, augment_batch),
     "affine": (sample_affine, affine_batch),
@@ -180,6 +186,7 @@ class FastMNISTLoader:
         if augment and augment not in AUGMENTATIONS:
             raise ValueError(f"augment={augment!r}: use one of {', '.join(AUGMENTATIONS)}, or False")
         self.shuffle, self.augment, self.drop_last = shuffle, augment or None, drop_last
+        self._draw, self._apply = AUGMENTATIONS[augment] if augment else (None, None)
         # Drawn from the global RNG when not given, so set_seed() makes it reproducible.
         self.seed = int(seed) if seed is not None else int(torch.randint(2**31 - 1, ()).item())
         self.epoch = 0
@@ -205,7 +212,7 @@ class FastMNISTLoader:
             order = torch.arange(n, device=self.device)
         for i in range(len(self)):
             idx = order[i * self.batch_size:(i + 1) * self.batch_size]
-            draws = AUGMENTATIONS[self.augment][0](len(idx), gen, self.device) if self.augment else None
+            draws = self._draw(len(idx), gen, self.device) if self.augment else None
             if self.world_size > 1:
                 share = self._share(len(idx))
                 idx = idx[share]
@@ -213,7 +220,7 @@ class FastMNISTLoader:
                     draws = tuple(d[share] for d in draws)
             x = self.images[idx].unsqueeze(1).float().div_(255)
             if self.augment and len(idx):  # a process's share of a last, tiny batch can be empty
-                x = AUGMENTATIONS[self.augment][1](x, *draws)
+                x = self._apply(x, *draws)
             yield x.sub_(MEAN).div_(STD), self.labels[idx]
 
     def _share(self, n):
@@ -248,8 +255,7 @@ def make_loader(images, labels, *, batch_size, train, loader="fast", device="cpu
     shuffle = train if shuffle is None else shuffle
     if loader == "fast":
         return FastMNISTLoader(images, labels, batch_size, shuffle=shuffle, augment=train and augment, device=device,
-                               seed=seed,
-                               drop_last=drop_last, rank=rank, world_size=world_size)
+                               seed=seed, drop_last=drop_last, rank=rank, world_size=world_size)
     if train and augment not in ("classic", True):
         raise ValueError(f"augment={augment!r}: the classic loader has the original's augmentation only (augment="
                          "'classic'); use loader='fast' for the others, or train=False for none")

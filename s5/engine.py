@@ -318,6 +318,7 @@ def fit(model, device, train_loader, test_loader, optimizer, scheduler, criterio
     on_plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     say = print if ctx.is_main else (lambda *a, **k: None)
+    evaluated = model if eval_model is None else eval_model
     for epoch in range(start_epoch, epochs + 1):
         for shuffler in (train_loader, getattr(train_loader, "sampler", None)):  # ours, or a DistributedSampler
             if hasattr(shuffler, "set_epoch"):
@@ -330,7 +331,6 @@ def fit(model, device, train_loader, test_loader, optimizer, scheduler, criterio
                                             scaler=scaler, progress=progress, steps=history,
                                             epoch_before=epoch - 1)
         train_seconds = time.perf_counter() - t0
-        evaluated = model if eval_model is None else eval_model
         test_loss, test_acc, n_correct, n = evaluate(evaluated, test_loader, F.nll_loss, device=device, ctx=ctx,
                                                      amp_dtype=amp_dtype, progress=progress)
         say(report_line(test_loss, n_correct, n, eval_name))
