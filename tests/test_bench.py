@@ -39,6 +39,7 @@ def test_bench_prints_table_then_json(mnist_root):
     (["--target", "0"], "argument --target: 0 is out of range"),
     (["--target", "nan"], "argument --target: nan is out of range"),
     (["--seeds", "2", "--compile"], "argument --compile: not with --seeds"),
+    (["--seeds", "2", "--time-to-target"], "argument --time-to-target: not with --seeds"),
 ])
 def test_flags_out_of_range_are_one_line_errors(flags, message):
     done = subprocess.run([sys.executable, str(REPO / "bench.py"), *flags], capture_output=True, text=True,
