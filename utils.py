@@ -6,51 +6,32 @@ get_train_transforms(), get_test_transforms(), get_MNISTdataset_with_loader('tra
 GetCorrectPredCount(pred, labels), train(model, device, train_loader, optimizer, criterion, train_losses,
 train_acc), test(model, device, test_loader, criterion, test_losses, test_acc), get_optimizer(model, "SGD", lr,
 momentum), get_scheduler(optimizer, step_size, gamma, verbose), get_loss("nll_loss"), post_display(loader),
-post_accuracyplots(train_losses, test_losses, train_acc, test_acc). The first four below adapt those shapes (a
-DataLoader-style kwargs dict, lists to fill, devices as strings) to the core's; the rest are the core's own.
+post_accuracyplots(train_losses, test_losses, train_acc, test_acc). Those below adapt the classic shapes (a
+DataLoader-style kwargs dict, lists to fill, devices as strings) to the core's, checking every value with the
+configuration's fields (s5.config); the rest are the core's own. Importing this shows the library's log lines.
 """
 
-from s5 import engine as _engine
-from s5.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
-from s5.config import LOADERS as _LOADERS
-from s5.config import RECIPES, ConfigError, Recipe, RunConfig, get_recipe
-from s5.data import (
-    MEAN,
-    STD,
-    FastMNISTLoader,
-    get_test_transforms,
-    get_train_transforms,
-    make_loader,
-)
+from s5 import loop as _loop
+from s5 import optim as _optim
+from s5.checkpoints import CheckpointError, load_checkpoint, save_weights
+from s5.cli import show_logs as _show_logs
+from s5.config import RECIPES, ConfigError, Field, Recipe, RunConfig, check, get_recipe
+from s5.data import MEAN, STD, FastMNISTLoader, get_test_transforms, get_train_transforms, make_loader
 from s5.demo import build_app
 from s5.device import amp_dtype_for, as_device, cpu_name, get_device, keep_freed_memory, set_seed
 from s5.digits import ImageInputError, load_digit, predict_digits, preprocess_digit
-from s5.engine import (
-    TrainingDivergedError,
-    build_training,
-    evaluate,
-    fit,
-    get_loss,
-    get_optimizer,
-    get_scheduler,
-    new_history,
-    steps_per_batch,
-    train_epoch,
-)
 from s5.evaluation import confusion_matrix, misclassified, predict_loader
+from s5.loop import Step, TrainingDivergedError, evaluate, new_history, train_epoch
 from s5.mnist import MNIST_MD5 as _MNIST_MD5
 from s5.mnist import MNISTDataError, ensure_mnist, load_split
-from s5.plots import (
-    plot_confusion_matrix,
-    plot_misclassified,
-    plot_predictions,
-    plot_training,
-    post_accuracyplots,
-    post_display,
-)
+from s5.optim import build_training, steps_per_batch
+from s5.plots import (plot_confusion_matrix, plot_misclassified, plot_predictions, plot_training, post_accuracyplots,
+                      post_display)
 from s5.receptive_field import receptive_field
+from s5.run import Run
 from s5.tensorboard import TensorBoardLog
 
+_show_logs()
 _FAST_KWARGS = {"batch_size", "shuffle", "drop_last", "num_workers", "pin_memory", "persistent_workers",
                 "prefetch_factor"}  # the fast loader has no workers: it accepts and ignores the last four
 
@@ -60,64 +41,48 @@ def get_MNISTdataset_with_loader(datasettype, kwargs=None, loader="fast", data_d
     """The loader for the 'train' or 'test' split, from DataLoader-style kwargs (batch_size, shuffle, drop_last,
     num_workers, pin_memory, ...), as the original notebook called it.
 
-    loader='fast' (default) gives a FastMNISTLoader on `device` (default: CUDA when present, else the CPU),
-    augmenting whole batches there; loader='classic' the original DataLoader with per-image PIL transforms.
-    Both read the same verified files. `subset` keeps the first N images; `seed` fixes the shuffling and
-    augmentation; `shard=(rank, world_size)` gives process `rank` its share of every global batch; `augment` names
-    the training augmentation (a recipe's: "classic", the original's, or with the fast loader "affine", "elastic").
+    loader='fast' (default) gives a FastMNISTLoader on `device` (default: get_device(), the machine's accelerator
+    when there is one), augmenting whole batches there; loader='classic' the original DataLoader with per-image PIL
+    transforms. Both read the same verified files. `subset` keeps the first N images; `seed` fixes the shuffling
+    and augmentation; `shard=(rank, world_size)` gives process `rank` its share of every global batch; `augment`
+    names the training augmentation (a recipe's: "classic", or with the fast loader "affine", "elastic").
     """
-    if datasettype not in ("train", "test"):
-        raise ValueError(f"unknown datasettype {datasettype!r}: use 'train' or 'test'")
-    if loader not in _LOADERS:
-        raise ValueError(f"unknown loader {loader!r}: use one of {', '.join(_LOADERS)}")
+    Field(str, choices=("train", "test")).check("datasettype", datasettype)
     options = dict(kwargs or {})
-    batch_size = options.pop("batch_size", 512 if loader == "fast" else 1)  # 1: DataLoader's default
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size={batch_size!r}: give a positive whole number")
+    batch_size = check("batch_size", options.pop("batch_size", 512 if check("loader", loader) == "fast" else 1))
     if loader == "fast" and set(options) - _FAST_KWARGS:
-        raise ValueError(f"the fast loader does not take {sorted(set(options) - _FAST_KWARGS)}: use "
-                         "loader='classic' for those")
-    workers = options.pop("num_workers", 0)
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
-        raise ValueError(f"num_workers={workers!r}: give 0 (load in the main process) or more")
-    if subset is not None and (isinstance(subset, bool) or not isinstance(subset, int) or subset < 1):
-        raise ValueError(f"subset={subset!r}: give a positive whole number")
-    rank, world_size = shard
-    if loader == "classic" and batch_size % world_size:
-        raise ValueError(f"batch_size={batch_size} does not split evenly over {world_size} processes: give a "
-                         f"multiple of {world_size} for the classic loader")
+        raise ConfigError("kwargs", f"the fast loader does not take {sorted(set(options) - _FAST_KWARGS)}: use "
+                                    "loader='classic' for those")
+    workers, subset = check("workers", options.pop("num_workers", 0)), check("train_subset", subset)
+    if loader == "classic" and batch_size % shard[1]:
+        raise ConfigError("batch_size", f"{batch_size} does not split evenly over {shard[1]} processes: give a "
+                                        f"multiple of {shard[1]} for the classic loader")
     images, labels = load_split(datasettype == "train", data_dir, checksums)
-    if subset is not None:
-        if subset > len(labels):
-            raise ValueError(f"subset={subset} is more than the {len(labels):,} images of the {datasettype} "
-                             "split: give at most that, or None for all")
-        images, labels = images[:subset], labels[:subset]
-    device = get_device(None) if device is None else as_device(device)
+    images, labels = images[:subset], labels[:subset]  # subset None: all
     shuffle, drop_last, pin = options.pop("shuffle", False), options.pop("drop_last", False), \
         options.pop("pin_memory", False)
-    if loader == "fast":
-        options = {}
     return make_loader(images, labels, batch_size=batch_size, train=datasettype == "train", loader=loader,
-                       device=device, seed=seed, workers=workers, pin_memory=pin, drop_last=drop_last,
-                       shuffle=shuffle, shard=shard, augment=augment, **options)
+                       device=get_device(None) if device is None else as_device(device), seed=seed, workers=workers,
+                       pin_memory=pin, drop_last=drop_last, shuffle=shuffle, shard=shard,
+                       augment=check("augment", augment), **(options if loader == "classic" else {}))
 
 
 def GetCorrectPredCount(pPrediction, pLabels):
     """Number of rows of `pPrediction` whose arg-max equals the label."""
-    return int(_engine.count_correct(pPrediction, pLabels))
+    return int(_loop.count_correct(pPrediction, pLabels))
 
 
 def train(model, device, train_loader, optimizer, criterion, train_losses, train_acc, *, scheduler=None,
-          amp_dtype=None, scaler=None, progress=True, steps=None):
-    """One training epoch; appends its mean loss and accuracy (%) to the lists given.
+          amp_dtype=None, progress=True, steps=None):
+    """One training epoch of `model`, its batches moved to the model's device; appends the epoch's mean loss and
+    accuracy (%) to the lists given.
 
     `scheduler`, when given, is stepped after every batch (one-cycle); the epoch-wise StepLR is stepped by the
     caller, as in the original. `steps` (e.g. a `new_history()`) also gets a row every few batches: the
     fractional epoch, the learning rate, the loss and accuracy since the last row.
     """
-    loss, acc = train_epoch(model, train_loader, optimizer, criterion, device=as_device(device), scheduler=scheduler,
-                            amp_dtype=amp_dtype, scaler=scaler, progress=progress, steps=steps,
-                            epoch_before=len(train_losses))
+    step = Step(model, optimizer, criterion, scheduler, amp_dtype)
+    loss, acc = train_epoch(step, train_loader, progress=progress, history=steps, epoch_before=len(train_losses))
     train_losses.append(loss)
     train_acc.append(acc)
 
@@ -125,11 +90,31 @@ def train(model, device, train_loader, optimizer, criterion, train_losses, train
 def test(model, device, test_loader, criterion, test_losses, test_acc, *, amp_dtype=None, progress=True):
     """Evaluate; appends the mean per-sample loss and accuracy (%) to the lists given and prints the original's
     line."""
-    loss, acc, n_correct, n = evaluate(model, test_loader, criterion, device=as_device(device), amp_dtype=amp_dtype,
+    loss, acc, n_correct, n = evaluate(model, test_loader, criterion, as_device(device), amp_dtype=amp_dtype,
                                        progress=progress)
     test_losses.append(loss)
     test_acc.append(acc)
-    print(_engine.report_line(loss, n_correct, n))
+    print(_loop.report_line(loss, n_correct, n))
+
+
+def get_optimizer(model, optimizer_name="SGD", lr=0.01, momentum=0.9, weight_decay=0.0, nesterov=False):
+    """SGD (the original's), Adam or AdamW; for Adam and AdamW `momentum` is their first beta."""
+    return _optim.get_optimizer(model, Recipe("custom", 1, 1, lr, optimizer_name, momentum, weight_decay, nesterov))
+
+
+def get_scheduler(optimizer, step_size=15, gamma=0.1, verbose=False, *, name="StepLR", max_lr=None, total_steps=None,
+                  pct_start=0.25):
+    """StepLR(step_size, gamma) as in the original, stepped once per epoch (printing its drops when `verbose`); or
+    a OneCycleLR over `total_steps` batches peaking at `max_lr`, warming up for `pct_start` of them, every batch."""
+    recipe = Recipe("custom", 1, 1, max_lr or optimizer.param_groups[0]["lr"], scheduler=name, step_size=step_size,
+                    gamma=gamma, pct_start=pct_start)
+    return _optim.get_scheduler(optimizer, recipe, Field(int, 1, none=True).check("total_steps", total_steps), verbose)
+
+
+def get_loss(loss_name="nll_loss", label_smoothing=0.0):
+    """The loss by name (nll_loss, the original's, or cross_entropy); label smoothing makes it the smoothed NLL."""
+    Field(str, choices=tuple(_optim.LOSSES)).check("loss_name", loss_name)
+    return _optim.get_loss(loss_name, check("label_smoothing", label_smoothing))
 
 
 __all__ = [
@@ -138,14 +123,12 @@ __all__ = [
     "train", "test", "get_optimizer", "get_scheduler", "get_loss", "post_display", "post_accuracyplots",
     # set-up: recipes and run configurations, seeds, device and precision, data
     "Recipe", "RECIPES", "get_recipe", "RunConfig", "set_seed", "get_device", "amp_dtype_for", "keep_freed_memory",
-    "cpu_name",
-    "MEAN", "STD", "ensure_mnist", "load_split", "make_loader", "FastMNISTLoader",
-    # training beyond the classic loop: the core the adapters above call
-    "build_training", "steps_per_batch", "train_epoch", "evaluate", "fit", "new_history",
+    "cpu_name", "MEAN", "STD", "ensure_mnist", "load_split", "make_loader", "FastMNISTLoader",
+    # training beyond the classic loop: the core the adapters above call, and a whole run
+    "build_training", "steps_per_batch", "Step", "train_epoch", "evaluate", "new_history", "Run",
     # after the run
     "plot_training", "TensorBoardLog", "predict_loader", "confusion_matrix", "misclassified", "plot_confusion_matrix",
-    "plot_misclassified",
-    "receptive_field", "save_checkpoint", "load_checkpoint",
+    "plot_misclassified", "receptive_field", "save_weights", "load_checkpoint",
     # your own digits
     "preprocess_digit", "load_digit", "predict_digits", "plot_predictions", "build_app",
     # what can go wrong, each with a one-line message

@@ -17,16 +17,16 @@ import numpy as np
 import torch
 
 from s5.config import ConfigError, RunConfig
-from s5.engine import new_history
-from s5.files import LEGACY_RUN, atomic_write
+from s5.errors import UserError
+from s5.files import atomic_write
+from s5.loop import STEP_COLUMNS, new_history
 
-CHECKPOINT_FORMAT = "s5-checkpoint-2"  # 2: the whole configuration and the run id; 1: the command's flags
-FORMATS = (CHECKPOINT_FORMAT, "s5-checkpoint-1")
+CHECKPOINT_FORMAT = "s5-checkpoint-2"  # 2: the whole configuration and the run id; 1 (weights only now): the flags
 RESUME_KEYS = ("model", "optimizer", "scheduler", "epoch", "history", "rng")
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DataParallel/DDP and torch.compile wrap the names of the weights
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint file is missing, unsafe, damaged or for another model; the message says which."""
 
 
@@ -71,35 +71,36 @@ def _plain(value):
     return value
 
 
-def checkpoint_bytes(model, optimizer=None, scheduler=None, epoch=0, history=None, config=None, run_id=None):
-    """A checkpoint as bytes: everything needed to resume a run exactly (see save_checkpoint)."""
+def checkpoint_bytes(run, epoch):
+    """A run's checkpoint after `epoch`, as bytes: everything needed to resume it exactly."""
     state = {
         "format": CHECKPOINT_FORMAT,
-        "arch": type(_unwrapped(model)).__name__,
-        "model": _unwrapped(model).state_dict(),
-        "optimizer": optimizer.state_dict() if optimizer is not None else None,
-        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "arch": type(run.model).__name__,
+        "model": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
         "epoch": int(epoch),
-        "history": _plain(history),
+        "history": _plain(run.history),
         "rng": rng_state(),
-        "config": config.to_dict() if isinstance(config, RunConfig) else None,
-        "run_id": run_id,
+        "config": run.config.to_dict(),
+        "run_id": run.run_dir.run_id,
     }
     buffer = io.BytesIO()
     torch.save(state, buffer)  # serialised in memory first: a full disk then fails with the OS's own errno
     return buffer.getvalue()
 
 
-def save_checkpoint(path, model, optimizer=None, scheduler=None, epoch=0, history=None, config=None):
-    """Everything needed to resume a run exactly, written atomically to `path`."""
-    data = checkpoint_bytes(model, optimizer, scheduler, epoch, history, config)
-    atomic_write(path, lambda f: f.write(data))
-
-
 def weights_bytes(model):
     buffer = io.BytesIO()
     torch.save(_unwrapped(model).state_dict(), buffer)
     return buffer.getvalue()
+
+
+def save_weights(path, model):
+    """The model's weights alone (a state_dict, as a run's model.pt), written atomically: for predict.py, export.py
+    and the demo. Not a run to resume: train.py --resume needs a run's last.pt."""
+    data = weights_bytes(model)
+    atomic_write(path, lambda f: f.write(data))
 
 
 def load_checkpoint(path, model=None, map_location="cpu"):
@@ -122,7 +123,7 @@ def load_checkpoint(path, model=None, map_location="cpu"):
         raise CheckpointError(
             f"{path} is not a readable checkpoint (truncated, corrupted or another kind of file): "
             "use an intact last.pt/best.pt, or train again") from None
-    if isinstance(state, dict) and state.get("format") in FORMATS:
+    if isinstance(state, dict) and str(state.get("format")).startswith("s5-checkpoint-"):
         weights = state.get("model")
     elif isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values()):
         weights, state = state, {"model": state}  # a bare model.state_dict(), e.g. model.pt
@@ -151,7 +152,8 @@ def load_checkpoint(path, model=None, map_location="cpu"):
 
 
 class Resumable(NamedTuple):
-    """A run's checkpoint, checked for a resume: its state, configuration, history, epochs done and run id."""
+    """A run's checkpoint, checked for a resume: its path, state, configuration, history, epochs done and run id."""
+    path: Path
     state: dict
     config: RunConfig
     history: dict
@@ -166,34 +168,49 @@ def read_resumable(path, model):
     (a configuration that could not have been run, an epoch count that disagrees with the history, ...).
     """
     state = load_checkpoint(path, model)
-    if state.get("config") is None and not state.get("args"):
+    if state.get("config") is None:
         raise CheckpointError(f"{path} holds weights only, not a run to resume: give the run's last.pt")
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} was written by an earlier version of this repo: its weights still predict "
+                              "and export, but resuming needs a last.pt from this version")
     missing = [k for k in RESUME_KEYS if state.get(k) is None]
     if missing:
         raise CheckpointError(f"{path} cannot be resumed: it lacks {', '.join(missing)}; give the run's last.pt")
     try:
-        config = (RunConfig.from_dict(state["config"]) if state.get("config") is not None
-                  else RunConfig.from_legacy_args(state["args"]))
-    except (ConfigError, TypeError) as e:
+        config = RunConfig.from_dict(state["config"])
+    except ConfigError as e:
         raise CheckpointError(f"{path} holds an impossible configuration ({e}): it was not written by a run of "
                               "this repo or is damaged; use another checkpoint") from None
     epoch = state["epoch"]
     if isinstance(epoch, bool) or not isinstance(epoch, int) or not 0 <= epoch <= config.epochs:
         raise CheckpointError(f"{path} says {epoch!r} epochs are done, not 0 to {config.epochs}: it is damaged; "
                               "use another checkpoint")
-    try:
-        history = new_history(state["history"], "val" if config.val_split else "test")
-    except (ValueError, TypeError, AttributeError) as e:
-        raise CheckpointError(f"{path} holds a damaged history ({e}): use another checkpoint") from None
+    history = state["history"]
+    if not _history_ok(history, config.evaluated_on):
+        raise CheckpointError(f"{path} holds a damaged history (not a list of numbers for every column of "
+                              "metrics.csv and steps.csv, one a row): use another checkpoint")
     if history["epoch"] != list(range(1, epoch + 1)):
         raise CheckpointError(f"{path} holds a history of epochs {history['epoch'][:5]} that does not match its "
                               f"{epoch} epochs done: it is damaged; use another checkpoint")
     if not _rng_state_ok(state["rng"]):
         raise CheckpointError(f"{path} holds damaged random-number states: use another checkpoint")
-    run_id = state.get("run_id") or LEGACY_RUN
+    run_id = state.get("run_id")
     if not isinstance(run_id, str) or not run_id.isalnum():
         raise CheckpointError(f"{path} holds an impossible run id {run_id!r}: it is damaged")
-    return Resumable(state, config, history, epoch, run_id)
+    return Resumable(Path(path), state, config, history, epoch, run_id)
+
+
+def _history_ok(history, evaluated_on):
+    """Whether `history` holds exactly a run's columns, each a list of numbers, as long as the others of its file."""
+    empty = new_history(evaluated_on)
+    if not isinstance(history, dict) or set(history) != set(empty):
+        return False
+    if not all(isinstance(v, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+               for v in history.values()):
+        return False
+    epoch_keys, step_keys = set(empty) - set(STEP_COLUMNS), STEP_COLUMNS
+    return len({len(history[k]) for k in epoch_keys}) == 1 and len({len(history[k]) for k in step_keys}) == 1 and \
+        all(isinstance(e, int) for e in history["epoch"])
 
 
 def _rng_state_ok(state):

@@ -1,5 +1,5 @@
-"""What the command-line entry points share: argument types that refuse impossible values, help text with
-defaults, and one way to fail.
+"""What the command-line entry points share: flags made from the configuration's fields, one way to fail, what is
+shown (rank 0 speaks), and signals that stop a program as Ctrl-C does.
 
 Exit codes, the same for every entry point: 0 done; 1 the run failed part-way (diverged, could not write) or
 some inputs could not be used (predict.py); 2 a usage or data error, found before any work; 130 interrupted.
@@ -7,50 +7,16 @@ some inputs could not be used (predict.py); 2 a usage or data error, found befor
 
 import argparse
 import contextlib
-import math
+import logging
 import signal
 import sys
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+import torch
 
+from s5.config import FIELDS, Field
+from s5.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, ConfigError  # noqa: F401 (re-exported)
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """argparse help with each flag's default, except where there is none to show (None, off)."""
-
-    def _get_help_string(self, action):
-        return action.help if action.default in (None, False) else super()._get_help_string(action)
-
-
-def whole_number(low, high=None):
-    """An argparse type: an int in [low, high]; argparse names the flag in its error."""
-    def parse(text):
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if value < low or (high is not None and value > high):
-            raise argparse.ArgumentTypeError(f"{value} is out of range: give {low} to {high}" if high is not None
-                                             else f"{value} is out of range: give {low} or more")
-        return value
-    parse.__name__ = "whole number"
-    return parse
-
-
-def positive_number(text):
-    """An argparse type: a finite float above 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"{text} is out of range: give a number above 0")
-    return value
-
-
-positive_number.__name__ = "number"
-
-
-FLAG_OF = {"name": "--recipe"}  # configuration fields whose flag is not --field-name
+FLAG_OF = {"name": "--recipe"}  # fields whose flag is not --field-name
 
 
 def flag(field):
@@ -58,17 +24,55 @@ def flag(field):
     return FLAG_OF.get(field, "--" + field.replace("_", "-"))
 
 
-def config_message(error):
-    """A ConfigError in the CLI's words: the flag, then what is wrong with its value."""
-    return f"argument {flag(error.field)}: {error.reason}"
+def typed(name, field):
+    """An argparse type for `field`: the text parsed as its kind, then checked by it (argparse names the flag)."""
+    def parse(text):
+        try:
+            return field.check(name, field.kind(text))
+        except ConfigError as e:
+            raise argparse.ArgumentTypeError(e.reason) from None
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not {'a whole number' if field.kind is int else 'a number'}") from None
+    parse.__name__ = field.kind.__name__
+    return parse
 
 
-def fail(message, code=EXIT_USAGE, speak=True):
-    """Print `error: message` as one line on stderr and exit with `code`. speak=False exits with the code alone
+def add_flags(parser, names, defaults=None):
+    """A flag for each configuration field in `names`, with its type, range and help from FIELDS; `defaults`
+    (field: value) are shown in the help, as the run will take them."""
+    for name in names:
+        field, default = FIELDS[name], (defaults or {}).get(name)
+        shown = f" (default: {default})" if default is not None else ""
+        if field.kind is bool:
+            parser.add_argument(flag(name), dest=name, action=argparse.BooleanOptionalAction, help=field.help + shown)
+        elif field.choices:
+            parser.add_argument(flag(name), dest=name, choices=field.choices, help=field.help + shown)
+        else:
+            parser.add_argument(flag(name), dest=name, type=typed(name, field) if field.kind is not str else None,
+                                help=field.help + shown)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line (`error: argument --epochs: ...`) with exit code 2."""
+
+    def error(self, message):
+        fail(f"{message} (see {self.prog} --help)")
+
+
+def message(error):
+    """A UserError in the command line's words: a field's flag first, an output folder's remedy last."""
+    if isinstance(error, ConfigError):
+        return f"argument {flag(error.field)}: {error.reason}"
+    advice = OUT_ADVICE.get(getattr(error, "kind", None))
+    return f"{error}: {advice.format(path=error.path)}" if advice else str(error)
+
+
+def fail(text, code=EXIT_USAGE, speak=True):
+    """Print `error: text` as one line on stderr and exit with `code`. speak=False exits with the code alone
     (the other processes of a torchrun group: rank 0 speaks for them)."""
     if speak:
-        text = " ".join(str(message).split())  # one line, whatever the message held
-        print(f"error: {text}", file=sys.stderr)
+        print("error: " + " ".join(str(text).split()), file=sys.stderr)
     raise SystemExit(code)
 
 
@@ -84,31 +88,49 @@ OUT_ADVICE = {
 }
 
 
-def output_error_message(error):
-    return f"{error}: {OUT_ADVICE.get(error.kind, 'give --out a writable folder').format(path=error.path)}"
-
-
-def stopped_message(error, lr, device):
-    """(one line, exit code) for a run that ended early (s5.run.RunStoppedError): what was kept, how to go on."""
-    if error.last is not None:
-        hint = f"; the last finished epoch is safe in {error.last}: continue with python train.py --resume {error.last}"
+def stopped_message(error, run):
+    """(one line, exit code) for a run that ended early with `error`: what was kept, and how to go on."""
+    last = run.last_checkpoint
+    if last is not None:
+        hint = f"; the last finished epoch is safe in {last}: continue with python train.py --resume {last}"
     else:
-        hint = f" before the first epoch ended, so nothing was saved: run again (--out {error.folder} can be reused)"
-    if error.reason == "interrupted":
+        hint = f" before the first epoch ended, so nothing was saved: run again (--out {run.folder} can be reused)"
+    if isinstance(error, KeyboardInterrupt):
         return f"interrupted{hint}", EXIT_INTERRUPTED
-    if error.reason == "out_of_memory":
-        other = "" if device == "cpu" else " (or --device cpu, where memory is larger)"
-        return f"{error.cause}: try a smaller --batch-size{other}{hint}", EXIT_FAILED
-    if error.reason == "diverged":
-        return f"{error.cause} (try a new run with --lr below {lr:g}){hint}", EXIT_FAILED
-    return f"{error.cause}{hint}", EXIT_FAILED
+    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
+        other = "" if run.device.type == "cpu" else " (or --device cpu, where memory is larger)"
+        return (f"out of memory on {run.device} with batch size {run.config.recipe.batch_size}: try a smaller "
+                f"--batch-size{other}{hint}"), EXIT_FAILED
+    if isinstance(error, FloatingPointError):  # loop.TrainingDivergedError
+        return f"{error} (try a new run with --lr below {run.config.recipe.lr:g}){hint}", EXIT_FAILED
+    return f"{error}{hint}", EXIT_FAILED
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose usage errors are one line (`error: argument --epochs: ...`) with exit code 2."""
+class _Stdout(logging.StreamHandler):
+    """Log lines to whatever sys.stdout is when they are written (a notebook's cell, pytest's capture)."""
 
-    def error(self, message):
-        fail(f"{message} (see {self.prog} --help)")
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+def show_logs(speak=True, level=logging.INFO):
+    """What this process shows, decided once: the s5 library's lines on stdout and its warnings on stderr as
+    `warning: ...`, when it speaks (rank 0); errors alone otherwise. Called again, it only changes the level."""
+    logger = logging.getLogger("s5")
+    logger.setLevel(level if speak else logging.ERROR)
+    logger.propagate = False
+    if not any(isinstance(h, _Stdout) for h in logger.handlers):
+        out, err = _Stdout(), logging.StreamHandler()  # stderr, looked up when the handler is made
+        out.addFilter(lambda record: record.levelno < logging.WARNING)
+        err.setLevel(logging.WARNING)
+        err.setFormatter(logging.Formatter("warning: %(message)s"))
+        logger.addHandler(out)
+        logger.addHandler(err)
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)  # a job scheduler's or torchrun's stop; a closed terminal
@@ -128,3 +150,8 @@ def stop_like_ctrl_c():
 
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
+
+
+def whole_number(low, high=None):
+    """An argparse type for a whole number from `low` (to `high`): a flag that is no configuration field."""
+    return typed("number", Field(int, low, high))

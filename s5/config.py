@@ -1,10 +1,10 @@
-"""A run's configuration: every value a training run uses, resolved and checked once, saved whole in its checkpoints.
+"""A run's configuration: every setting defined once (type, range, help), checked once, saved whole in checkpoints.
 
-`RunConfig.build(recipe="fast", lr=0.1, ...)` fills what is not given from the recipe and the defaults and checks
-every field; a wrong value is a `ConfigError` naming the field, the value and what is allowed (the command line
-words it with its flag). A checkpoint holds `config.to_dict()`; resuming reads it back with `from_dict`, which
-checks a file's values as strictly as the constructor, and `resumed(...)` applies only the changes a resume
-may make.
+`FIELDS` is the one place a setting's range and help are written: the dataclasses below check themselves with
+it, the classic `utils` functions check their arguments with it, and the entry points make their flags from it
+(`s5.cli.add_flags`). `RunConfig.build(recipe="fast", lr=0.1, ...)` fills what is not given from the recipe and
+the defaults; a checkpoint holds `config.to_dict()`, read back as strictly by `from_dict`; `resumed(...)` applies
+only the changes a resume may make. Below this boundary, code trusts its values.
 """
 
 import math
@@ -12,58 +12,126 @@ import os
 from dataclasses import asdict, dataclass, fields, replace
 
 from s5.data import AUGMENTATIONS
+from s5.errors import ConfigError
 from s5.mnist import DATA_DIR
 
 RUNS_DIR = "runs"  # where a run without a chosen folder goes: runs/<recipe>-<date>-<time>
-LOADERS = ("fast", "classic")
-SCHEDULERS = ("StepLR", "OneCycleLR")
-OPTIMIZERS = ("SGD", "Adam", "AdamW")
 TRAIN_IMAGES = 60_000  # in MNIST's training split: the most a subset or a validation split can take
 
 
-class ConfigError(ValueError):
-    """A configuration value is impossible; `field` names it (the CLI turns it into a flag)."""
+@dataclass(frozen=True)
+class Field:
+    """One setting: its type (int, float, bool, str), its range or choices, whether None is allowed, its help."""
+    kind: type
+    low: float | None = None
+    high: float | None = None
+    above: bool = False  # low itself is excluded
+    below: bool = False  # high itself is excluded
+    choices: tuple = ()
+    none: bool = False
+    help: str = ""
 
-    def __init__(self, field, message):
-        super().__init__(f"{field}: {message}")
-        self.field, self.reason = field, message
+    def allowed(self):
+        """What the setting takes, in words: "1 to 60000", "a number above 0", "one of SGD, Adam, AdamW"."""
+        if self.choices:
+            return "one of " + ", ".join(map(str, self.choices))
+        if self.kind in (bool, str):
+            return "true or false" if self.kind is bool else "a non-empty name"
+        if self.kind is int:
+            return f"{self.low} or more" if self.high is None else f"{self.low} to {self.high}"
+        low = f"{'above' if self.above else 'at least'} {self.low:g}"
+        return f"a number {low}" + ("" if self.high is None else f" and {'below' if self.below else 'at most'} "
+                                                                f"{self.high:g}")
+
+    def check(self, name, value):
+        """`value`, if this field can hold it; ConfigError naming `name`, the value and what is allowed if not."""
+        if value is None and self.none:
+            return value
+        if self.choices:
+            if value not in self.choices:
+                raise ConfigError(name, f"{value!r} is not {self.allowed()}")
+            return value
+        numeric = self.kind in (int, float) and not isinstance(value, bool) and \
+            isinstance(value, int if self.kind is int else (int, float))
+        if not numeric and not (isinstance(value, self.kind) and (self.kind is bool or (value and "\0" not in value))):
+            raise ConfigError(name, f"{value!r} is not {'a whole number' if self.kind is int else self.allowed()}")
+        if numeric and not (math.isfinite(value) and (value > self.low if self.above else value >= self.low) and
+                            (self.high is None or (value < self.high if self.below else value <= self.high))):
+            raise ConfigError(name, f"{value!r} is out of range: give {self.allowed()}")
+        return value
 
 
-def _check_int(obj, name, low, high=None):
-    value = getattr(obj, name)
-    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
-        allowed = f"{low} to {high}" if high is not None else f"{low} or more"
-        raise ConfigError(name, f"{value!r} is out of range: give a whole number, {allowed}")
+OPTIMIZERS, SCHEDULERS, LOADERS = ("SGD", "Adam", "AdamW"), ("StepLR", "OneCycleLR"), ("fast", "classic")
+FIELDS = {
+    # a recipe's
+    "name": Field(str, help="the recipe: seed = the original notebook; fast = AdamW one-cycle, 2 epochs; one-epoch "
+                  "= fast for 1 epoch at batch 64 on rotated, scaled, sheared, shifted digits; best = fast for 20 "
+                  "epochs on those digits"),
+    "epochs": Field(int, 1, help="epochs"),
+    "batch_size": Field(int, 1, TRAIN_IMAGES, help="batch size (global: over all processes)"),
+    "lr": Field(float, 0, above=True, help="learning rate; the peak for one-cycle"),
+    "optimizer": Field(str, choices=OPTIMIZERS, help="optimizer"),
+    "momentum": Field(float, 0, 1, below=True, help="SGD's momentum; Adam's and AdamW's first beta"),
+    "weight_decay": Field(float, 0, help="weight decay"),
+    "nesterov": Field(bool, help="Nesterov momentum (SGD)"),
+    "scheduler": Field(str, choices=SCHEDULERS, help="StepLR every epoch, or OneCycleLR every batch"),
+    "step_size": Field(int, 1, help="StepLR: epochs between learning-rate drops"),
+    "gamma": Field(float, 0, above=True, help="StepLR: factor of each drop"),
+    "pct_start": Field(float, 0, 1, above=True, below=True, help="one-cycle: share of the steps warming up"),
+    "label_smoothing": Field(float, 0, 1, below=True, help="label smoothing of the training loss"),
+    "augment": Field(str, choices=tuple(AUGMENTATIONS), help="training augmentation: classic = the original's "
+                     "rotation and zoom; affine = rotation, scale, shear and shift; elastic = affine plus Simard's "
+                     "elastic distortion"),
+    "tta": Field(bool, help="evaluate each image with its four one-pixel shifts, averaged"),
+    # a run's
+    "seed": Field(int, 0, 2**32 - 1, help="seed for weights, shuffling, augmentation and the validation split"),
+    "train_subset": Field(int, 1, TRAIN_IMAGES, none=True, help="train on the first N training images (after "
+                          "--val-split)"),
+    "val_split": Field(int, 0, TRAIN_IMAGES - 1, help="hold out N training images, drawn by --seed, to evaluate "
+                       "every epoch (and choose best.pt) on; the test set is then evaluated once, at the end (0: the "
+                       "test set every epoch, as the original)"),
+    "loader": Field(str, choices=LOADERS, help="fast = tensors on the device, batched augmentation; classic = "
+                    "torchvision DataLoader"),
+    "workers": Field(int, 0, 256, help="DataLoader workers, classic loader only"),
+    "device": Field(str, help="cpu, cuda, cuda:N, mps, xpu, or auto: the machine's accelerator when there is one, "
+                    "else the CPU"),
+    "amp": Field(bool, none=True, help="bf16/fp16 mixed precision (default: on for CPUs with native bf16 and GPUs "
+                 "before Ampere; newer GPUs train fp32 on TF32 tensor cores)"),
+    "channels_last": Field(bool, none=True, help="channels_last memory layout (default: on for CPUs and CUDA, "
+                           "measured faster there)"),
+    "deterministic": Field(bool, help="deterministic algorithms (bit-exact resume)"),
+    "progress": Field(bool, help="tqdm bars"),
+    "tensorboard": Field(bool, help="also write TensorBoard logs into the run's folder (make tensorboard shows "
+                         "runs/)"),
+    "data_dir": Field(str, help="MNIST root; files go in DIR/MNIST/raw"),
+    "out": Field(str, none=True, help="output folder, new or empty (default: a new runs/<recipe>-<date>-<time>); "
+                 "with --resume, continue the run there instead of in its own folder"),
+}
 
 
-def _check_float(obj, name, low, high, low_open=False, high_open=False):
-    value = getattr(obj, name)
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < low or (low_open and value == low) or value > high or (high_open and value == high):
-        lo = f"above {low:g}" if low_open else f"at least {low:g}"
-        hi = "" if high == math.inf else f" and {'below' if high_open else 'at most'} {high:g}"
-        raise ConfigError(name, f"{value!r} is out of range: give a number {lo}{hi}")
+def check(name, value):
+    """`value` checked against FIELDS[name]: the one value check of the repo."""
+    return FIELDS[name].check(name, value)
 
 
-def _check_bool(obj, name):
-    if not isinstance(getattr(obj, name), bool):
-        raise ConfigError(name, f"{getattr(obj, name)!r} is not true or false")
+def _check_fields(obj):
+    for f in fields(obj):
+        if f.name in FIELDS:
+            check(f.name, getattr(obj, f.name))
 
 
-def _check_str(obj, name):
-    value = getattr(obj, name)
-    if not isinstance(value, str) or not value or "\0" in value:
-        raise ConfigError(name, f"{value!r} is not a usable name")
-
-
-def _check_choice(obj, name, choices):
-    if getattr(obj, name) not in choices:
-        raise ConfigError(name, f"{getattr(obj, name)!r} is not one of {', '.join(choices)}")
+def check_one_cycle(total_steps, pct_start):
+    """ConfigError unless a one-cycle schedule of `total_steps` has at least one step to warm up and to cool down."""
+    if pct_start * total_steps <= 1 or (1 - pct_start) * total_steps <= 1:
+        least = math.floor(1 / min(pct_start, 1 - pct_start)) + 1
+        raise ConfigError("epochs", f"a one-cycle schedule needs at least {least} optimizer steps to warm up and cool "
+                                    f"down, and this run has {total_steps}: train on more images, for more epochs, or "
+                                    "with a smaller batch")
 
 
 @dataclass(frozen=True)
 class Recipe:
-    """The hyperparameters of a training run. `seed` is the original S5 notebook's."""
+    """The hyperparameters of a training run (FIELDS says what each is). `seed` is the original S5 notebook's."""
     name: str
     epochs: int
     batch_size: int
@@ -75,26 +143,19 @@ class Recipe:
     scheduler: str = "StepLR"
     step_size: int = 15
     gamma: float = 0.1
-    pct_start: float = 0.25  # one-cycle: the share of the steps spent warming up
+    pct_start: float = 0.25
     label_smoothing: float = 0.0  # training loss only: cross-entropy against (1 - s) one-hot + s / 10
-    augment: str = "classic"  # the training images' augmentation: one of s5.data.AUGMENTATIONS
-    tta: bool = False  # evaluate on each image and its four one-pixel shifts (s5.evaluation.ShiftAveraged)
+    augment: str = "classic"
+    tta: bool = False  # s5.evaluation.ShiftAveraged
 
     def __post_init__(self):
-        _check_str(self, "name")
-        for name in ("epochs", "batch_size", "step_size"):
-            _check_int(self, name, 1)
-        _check_float(self, "lr", 0.0, math.inf, low_open=True)
-        _check_float(self, "momentum", 0.0, 1.0)
-        _check_float(self, "weight_decay", 0.0, math.inf)
-        _check_float(self, "gamma", 0.0, math.inf, low_open=True)
-        _check_float(self, "pct_start", 0.0, 1.0, low_open=True, high_open=True)
-        _check_float(self, "label_smoothing", 0.0, 1.0, high_open=True)
-        _check_bool(self, "nesterov")
-        _check_bool(self, "tta")
-        _check_choice(self, "optimizer", OPTIMIZERS)
-        _check_choice(self, "scheduler", SCHEDULERS)
-        _check_choice(self, "augment", tuple(AUGMENTATIONS))
+        _check_fields(self)
+        if self.nesterov and self.optimizer != "SGD":
+            raise ConfigError("nesterov", f"Nesterov momentum is SGD's, not {self.optimizer}'s: use SGD, or leave it off")
+
+    def warmup_steps(self, steps_per_epoch):
+        """Optimizer steps before the learning rate peaks: one-cycle's warm-up; none for a step schedule."""
+        return int(self.pct_start * self.epochs * steps_per_epoch) if self.scheduler == "OneCycleLR" else 0
 
 
 RECIPES = {
@@ -111,15 +172,13 @@ RECIPES = {
     "best": Recipe("best", epochs=20, batch_size=128, lr=3e-3, optimizer="AdamW", weight_decay=5e-4,
                    scheduler="OneCycleLR", label_smoothing=0.1, augment="affine"),
 }
-
-
 RECIPE_FIELDS = tuple(f.name for f in fields(Recipe) if f.name != "name")  # what a run may override
 
 
 def get_recipe(name, **overrides):
     """RECIPES[name] with the overrides that are not None, checked."""
     if name not in RECIPES:
-        raise ConfigError("recipe", f"unknown recipe {name!r}: use one of {', '.join(RECIPES)}")
+        raise ConfigError("name", f"unknown recipe {name!r}: use one of {', '.join(RECIPES)}")
     unknown = sorted(set(overrides) - set(RECIPE_FIELDS))
     if unknown:
         raise ConfigError(unknown[0], f"a recipe has no field {unknown[0]!r}")
@@ -134,13 +193,13 @@ class RunConfig:
     train_subset: int | None = None  # the first N training images (after the validation split)
     val_split: int = 0  # training images held out for validation, drawn by the seed; 0: evaluate on the test set
     loader: str = "fast"
-    workers: int = 2  # classic loader's DataLoader workers
+    workers: int = 2
     device: str = "auto"
     amp: bool | None = None  # None: by hardware (s5.device.amp_dtype_for)
     channels_last: bool | None = None  # None: by device (s5.device.channels_last_for)
     deterministic: bool = False
     progress: bool = True
-    tensorboard: bool = False  # also write TensorBoard event files into the run's folder (s5.tensorboard)
+    tensorboard: bool = False
     data_dir: str = str(DATA_DIR)
     out: str | None = None
 
@@ -150,28 +209,16 @@ class RunConfig:
 
     def __post_init__(self):
         if not isinstance(self.recipe, Recipe):
-            raise ConfigError("recipe", f"{self.recipe!r} is not a Recipe")
-        _check_int(self, "seed", 0, 2**32 - 1)
-        _check_int(self, "val_split", 0, TRAIN_IMAGES - 1)
-        if self.train_subset is not None:
-            _check_int(self, "train_subset", 1, TRAIN_IMAGES - self.val_split)
-        _check_int(self, "workers", 0, 256)
-        _check_choice(self, "loader", LOADERS)
-        for name in ("deterministic", "progress", "tensorboard"):
-            _check_bool(self, name)
-        for name in ("amp", "channels_last"):
-            if getattr(self, name) is not None:
-                _check_bool(self, name)
-        _check_str(self, "device")
-        _check_str(self, "data_dir")
-        if self.out is not None:
-            _check_str(self, "out")
+            raise ConfigError("name", f"{self.recipe!r} is not a Recipe")
+        _check_fields(self)
+        if self.train_subset is not None and self.train_subset > TRAIN_IMAGES - self.val_split:
+            raise ConfigError("train_subset", f"{self.train_subset} is out of range: give 1 to "
+                                              f"{TRAIN_IMAGES - self.val_split} (the images left after --val-split)")
         if self.loader == "classic" and self.recipe.augment != "classic":
             raise ConfigError("loader", f"the classic loader has the original's augmentation only, not "
                                         f"{self.recipe.augment!r}: use the fast loader, or the classic augmentation")
-        if self.recipe.batch_size > TRAIN_IMAGES:
-            raise ConfigError("batch_size", f"{self.recipe.batch_size} is more than the {TRAIN_IMAGES:,} training "
-                                            f"images: give 1 to {TRAIN_IMAGES}")
+        if self.recipe.scheduler == "OneCycleLR":
+            check_one_cycle(self.epochs * self.steps_per_epoch, self.recipe.pct_start)
 
     @classmethod
     def build(cls, recipe="seed", **settings):
@@ -181,9 +228,7 @@ class RunConfig:
         unknown = sorted(set(settings) - {f.name for f in fields(cls)})
         if unknown:
             raise ConfigError(unknown[0], f"a run has no setting {unknown[0]!r}")
-        if "data_dir" in settings:
-            settings["data_dir"] = os.path.expanduser(str(settings["data_dir"]))
-        return cls(get_recipe(recipe, **overrides), **settings)
+        return cls(get_recipe(recipe, **overrides), **_expanded(settings))
 
     @property
     def name(self):
@@ -192,6 +237,16 @@ class RunConfig:
     @property
     def epochs(self):
         return self.recipe.epochs
+
+    @property
+    def evaluated_on(self):
+        """What every epoch is measured on (and best.pt chosen by): "val" with a validation split, else "test"."""
+        return "val" if self.val_split else "test"
+
+    @property
+    def steps_per_epoch(self):
+        images = self.train_subset if self.train_subset is not None else TRAIN_IMAGES - self.val_split
+        return math.ceil(images / self.recipe.batch_size)
 
     def to_dict(self):
         """Plain values (for a checkpoint, JSON, or printing)."""
@@ -207,22 +262,24 @@ class RunConfig:
         extra = sorted((set(values["recipe"]) - recipe_fields) | (set(values) - run_fields - {"recipe"}))
         if extra:
             raise ConfigError(str(extra[0]), "not a setting of this version's runs")
-        return cls(Recipe(**values["recipe"]), **{k: v for k, v in values.items() if k != "recipe"})
+        try:
+            return cls(Recipe(**values["recipe"]), **{k: v for k, v in values.items() if k != "recipe"})
+        except TypeError as e:  # a required field missing
+            raise ConfigError("config", str(e)) from None
 
     def resumed(self, changes, epochs_done):
         """This run's configuration with `changes` (field: value) applied, where a resume may make them.
 
         Returns (config, {field: (old, new)} of what changed). `out` in `changes` is where the run continues
-        (None: its own folder, wherever it is now). A change to a field that defines the run, fewer
-        epochs than are done, or more epochs for a one-cycle schedule (laid out over the planned steps) is a
-        ConfigError.
+        (None: its own folder, wherever it is now). A change to a field that defines the run, fewer epochs than
+        are done, or more epochs for a one-cycle schedule (laid out over the planned steps) is a ConfigError.
         """
         changes = dict(changes)
         out = changes.pop("out", None)  # where to continue: the saved folder is history (it may have moved)
         changed = {}
         for field, value in changes.items():
-            old = (self.name if field == "recipe" else getattr(self.recipe, field)
-                   if field in RECIPE_FIELDS else getattr(self, field))
+            old = getattr(self.recipe, field) if field in RECIPE_FIELDS else \
+                self.name if field == "recipe" else getattr(self, field)
             if value == old:
                 continue
             if field not in self.RESUME_MAY_CHANGE:
@@ -237,16 +294,10 @@ class RunConfig:
                 raise ConfigError("epochs", f"cannot change for a one-cycle run: its schedule was laid out over "
                                             f"{self.epochs} epochs; start a new run instead")
         run = {k: new for k, (_, new) in changed.items() if k != "epochs"} | {"out": out}
-        if "data_dir" in run:
-            run["data_dir"] = os.path.expanduser(str(run["data_dir"]))
-        return replace(self, recipe=replace(self.recipe, epochs=epochs), **run), changed
+        return replace(self, recipe=replace(self.recipe, epochs=epochs), **_expanded(run)), changed
 
-    @classmethod
-    def from_legacy_args(cls, args):
-        """The configuration of a checkpoint written before configurations were saved whole (its `args`)."""
-        if not isinstance(args, dict):
-            raise ConfigError("args", "missing or not a mapping")
-        known = {f.name for f in fields(cls)} - {"recipe"}
-        run = {k: v for k, v in args.items() if k in known}
-        return cls.build(args.get("recipe", "seed"), epochs=args.get("epochs"), batch_size=args.get("batch_size"),
-                         lr=args.get("lr"), **run)
+
+def _expanded(settings):
+    """`~` expanded in the paths a user gives, the same way everywhere."""
+    return {k: os.path.expanduser(v) if k in ("data_dir", "out") and isinstance(v, str) else v
+            for k, v in settings.items()}

@@ -272,3 +272,32 @@ def make_loader(images, labels, *, batch_size, train, loader="fast", device="cpu
         options["shuffle"] = shuffle
     return DataLoader(dataset, **options)
 
+
+TEST_BATCH = 256  # evaluation batch (rounded up to a multiple of the number of processes)
+
+
+def make_loaders(config, device, ctx):
+    """The training, validation (None without a split) and test loaders of the configuration, on `device`,
+    sharded for `ctx`'s processes."""
+    common = {"loader": config.loader, "device": device, "workers": config.workers, "pin_memory": True,
+              "shard": (ctx.rank, ctx.world_size)}
+    images, labels = load_split(True, config.data_dir)
+    held_out = None
+    if config.val_split:
+        (images, labels), held_out = split_images(images, labels, config.val_split, config.seed)
+    if config.train_subset is not None:
+        images, labels = images[:config.train_subset], labels[:config.train_subset]
+    train_loader = make_loader(images, labels, batch_size=config.recipe.batch_size, train=True, seed=config.seed,
+                               augment=config.recipe.augment, **common)
+    eval_batch = -(-TEST_BATCH // ctx.world_size) * ctx.world_size
+    val_loader = make_loader(*held_out, batch_size=eval_batch, train=False, **common) if held_out else None
+    test_loader = make_loader(*load_split(False, config.data_dir), batch_size=eval_batch, train=False, **common)
+    return train_loader, val_loader, test_loader
+
+
+def split_images(images, labels, held_out, seed):
+    """(kept, held out): `held_out` training images drawn by `seed` (the same ones for every run with that seed),
+    both in their original order."""
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    keep, hold = order[held_out:].sort().values, order[:held_out].sort().values
+    return (images[keep], labels[keep]), (images[hold], labels[hold])

@@ -16,6 +16,7 @@ from PIL import Image
 
 from s5.config import RUNS_DIR
 from s5.data import MEAN, STD
+from s5.errors import UserError
 from s5.digits import ImageInputError, checked_image, open_image, preprocess_digit
 
 CANVAS = (280, 280)  # ten canvas pixels a MNIST pixel
@@ -24,7 +25,7 @@ QUEUE_SIZE = 64  # requests waiting at once; more are turned away instead of pil
 CACHE_SECONDS = 600  # uploads and shown images are deleted this long after they were made
 
 
-class HostError(ValueError):
+class HostError(UserError, ValueError):
     """The address to serve on cannot be used; the message says why."""
 
 

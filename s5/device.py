@@ -3,6 +3,7 @@
 Nothing here runs by itself: the entry points and the notebook choose what to switch on.
 """
 
+import contextlib
 import ctypes
 import os
 import platform
@@ -10,6 +11,8 @@ import random
 
 import numpy as np
 import torch
+
+from s5.errors import ConfigError
 
 
 def cpu_name():
@@ -23,13 +26,13 @@ def cpu_name():
 
 
 def as_device(device):
-    """A torch.device from what PyTorch code passes: a torch.device, "cpu", "cuda", "cuda:1"; ValueError otherwise."""
+    """A torch.device from what PyTorch code passes: a torch.device, "cpu", "cuda", "cuda:1"; ConfigError otherwise."""
     if isinstance(device, torch.device):
         return device
     try:
         return torch.device(device)
     except (RuntimeError, TypeError):
-        raise ValueError(f"unknown device {device!r}: use cpu, cuda, cuda:N, mps, xpu or auto") from None
+        raise ConfigError("device", f"unknown device {device!r}: use cpu, cuda, cuda:N, mps, xpu or auto") from None
 
 
 def accelerator():
@@ -53,7 +56,7 @@ def get_device(name=None):
     """The device to run on: for None or "auto" the machine's accelerator (CUDA, MPS, XPU, ... through
     torch.accelerator) when there is one, else the CPU; otherwise `name` ("cpu", "cuda:1", "mps", ...) checked.
 
-    Raises ValueError with a one-line fix, naming what the machine has, for a device it does not have.
+    Raises ConfigError with a one-line fix, naming what the machine has, for a device it does not have.
     """
     if name is None or name == "auto":
         kind = accelerator()
@@ -63,10 +66,11 @@ def get_device(name=None):
         return device
     kind = accelerator()
     if device.type != kind:
-        raise ValueError(f"device {name!r} asked for, but this machine has {machine_devices()}: use "
-                         f"{kind or 'cpu'} or auto")
+        raise ConfigError("device", f"{name!r} asked for, but this machine has {machine_devices()}: use "
+                                    f"{kind or 'cpu'} or auto")
     if (device.index or 0) >= torch.accelerator.device_count():
-        raise ValueError(f"device {name!r} asked for, but this machine has {machine_devices()}: use one of those")
+        raise ConfigError("device", f"{name!r} asked for, but this machine has {machine_devices()}: use one of "
+                                    "those")
     return device
 
 
@@ -113,8 +117,6 @@ def set_seed(seed, deterministic=False):
     (cuDNN's benchmark mode, which picks convolution algorithms by timing them, is left to the caller,
     except that deterministic=True turns it off, as determinism requires.)
     """
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
-        raise ValueError(f"seed={seed!r}: give a whole number from 0 to 2**32 - 1")
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # seeds every CUDA device too
@@ -148,3 +150,18 @@ def amp_dtype_for(device, amp=None):
     if amp:
         return torch.float16 if device.type == "mps" else torch.bfloat16
     return None
+
+
+CPU_OUT_OF_MEMORY = "DefaultCPUAllocator: can't allocate memory"
+
+
+@contextlib.contextmanager
+def out_of_memory_typed():
+    """Within the block, the CPU allocator's failure is raised as torch.OutOfMemoryError, the type a GPU's has: the
+    allocator raises a plain RuntimeError (c10's enforce), whose message is its only sign."""
+    try:
+        yield
+    except RuntimeError as e:
+        if type(e) is not RuntimeError or CPU_OUT_OF_MEMORY not in str(e):
+            raise
+        raise torch.OutOfMemoryError(str(e).split(CPU_OUT_OF_MEMORY)[-1].strip(": ")) from e

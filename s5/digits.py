@@ -14,11 +14,12 @@ from PIL import Image, ImageOps
 
 from s5.data import MEAN, STD
 from s5.device import as_device
+from s5.errors import UserError
 
 MAX_IMAGE_PIXELS = 25_000_000  # a 5000x5000 photo; larger files are refused before decoding
 
 
-class ImageInputError(ValueError):
+class ImageInputError(UserError, ValueError):
     """An image file cannot be turned into a digit; the message says why."""
 
 

@@ -7,12 +7,16 @@ their counts across processes with `all_sum`, so every rank sees the same global
 decisions (a NaN stops every rank at the same step, never one alone).
 """
 
+import contextlib
 import os
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from s5.config import Field
+from s5.errors import EXIT_FAILED, ConfigError, UserError
 
 TIMEOUT = timedelta(minutes=5)  # a rank that stops answering ends the group instead of hanging it for 30 min
 
@@ -33,47 +37,51 @@ class Context:
         return self.world_size > 1
 
 
+SINGLE = Context()  # one process, no group
+
+
 def launched_by_torchrun():
     return "RANK" in os.environ or "WORLD_SIZE" in os.environ
 
 
-class LaunchError(ValueError):
+class LaunchError(UserError, ValueError):
     """The torchrun environment variables are missing, inconsistent, or the group could not form; says which."""
 
 
-class GroupError(RuntimeError):
+class GroupError(UserError, RuntimeError):
     """Another process of the group stopped or stopped answering mid-run."""
 
+    exit_code = EXIT_FAILED
 
-def _env_int(name, low, high=None, default=None):
+
+def _env_number(name, field, default=None, fix="start the processes with torchrun"):
+    """The environment variable `name` as `field`'s kind, checked by it; LaunchError saying what to do if not."""
     text = os.environ.get(name)
-    if text is None:
+    if not text:
         if default is None:
             raise LaunchError(f"{name} is not set: start the processes with torchrun (it sets RANK, WORLD_SIZE, "
                               "MASTER_ADDR and MASTER_PORT), or unset RANK and WORLD_SIZE to run one process")
         return default
     try:
-        value = int(text)
-    except ValueError:
-        raise LaunchError(f"{name}={text!r} is not a whole number: start the processes with torchrun") from None
-    if value < low or (high is not None and value > high):
-        raise LaunchError(f"{name}={value} is out of range ({low} to {high if high is not None else 'more'}): "
-                          "start the processes with torchrun")
-    return value
+        return field.check(name, field.kind(text))
+    except ValueError as e:  # int("abc"), or the field's ConfigError
+        reason = e.reason if isinstance(e, ConfigError) else \
+            f"{text!r} is not {'a whole number' if field.kind is int else 'a number'}"
+        raise LaunchError(f"{name}={reason}: {fix}") from None
 
 
 def context_from_env():
     """This process's Context from torchrun's variables, checked; Context() without them. LaunchError if wrong."""
     if not launched_by_torchrun():
         return Context()
-    world_size = _env_int("WORLD_SIZE", 1, 1 << 16)
-    rank = _env_int("RANK", 0, world_size - 1)
-    local_rank = _env_int("LOCAL_RANK", 0, world_size - 1, default=0)
+    world_size = _env_number("WORLD_SIZE", Field(int, 1, 1 << 16))
+    rank = _env_number("RANK", Field(int, 0, world_size - 1))
+    local_rank = _env_number("LOCAL_RANK", Field(int, 0, world_size - 1), default=0)
     if world_size > 1:
         if not os.environ.get("MASTER_ADDR"):
             raise LaunchError("MASTER_ADDR is not set: start the processes with torchrun (it sets the address "
                               "where they meet)")
-        _env_int("MASTER_PORT", 1, 65535)
+        _env_number("MASTER_PORT", Field(int, 1, 65535))
     return Context(rank, world_size, local_rank)
 
 
@@ -81,14 +89,8 @@ JOIN_TIMEOUT_S = 120.0  # how long the processes wait for each other to start (S
 
 
 def join_timeout():
-    text = os.environ.get("S5_JOIN_TIMEOUT_S") or str(JOIN_TIMEOUT_S)
-    try:
-        seconds = float(text)
-    except ValueError:
-        seconds = -1.0
-    if not 0 < seconds <= 86400:
-        raise LaunchError(f"S5_JOIN_TIMEOUT_S={text!r} is not a number of seconds from 0 to 86400: fix or unset it")
-    return timedelta(seconds=seconds)
+    return timedelta(seconds=_env_number("S5_JOIN_TIMEOUT_S", Field(float, 0, 86400, above=True), JOIN_TIMEOUT_S,
+                                         "fix or unset it"))
 
 
 def setup(ctx, device):
@@ -141,7 +143,8 @@ def broadcast(ctx, value):
 
 
 def same_on_every_rank(ctx, tensors):
-    """Whether every process holds bit-identical tensors (compared by a checksum of their bytes)."""
+    """Whether every process holds the same tensors, compared by two float64 sums (of the values and of their
+    magnitudes): a cheap test that catches processes drifting apart, not a proof of bit-identity."""
     if not ctx.active:
         return True
     digest = torch.stack([t.detach().double().abs().sum() + t.detach().double().sum() for t in tensors])
@@ -158,3 +161,44 @@ def barrier(ctx):
 def teardown():
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+class _ScaleGradient(torch.autograd.Function):
+    """The identity forward; the gradient multiplied by `weight` backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.weight = weight
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.weight, None
+
+
+def share_weighted(ctx, loss_fn):
+    """`loss_fn` as each process of `ctx` must use it: its value this process's mean loss, its gradient weighted by
+    the process's share of the global batch times the number of processes, so DDP's gradient average is the
+    single-process gradient even when the shares differ (a last, smaller batch); an empty share adds nothing.
+    A single process gets `loss_fn` itself."""
+    if not ctx.active:
+        return loss_fn
+
+    def weighted(output, target):
+        n_global = all_sum(ctx, torch.tensor(len(target), device=output.device))[0]
+        loss = loss_fn(output, target) if len(target) else output.sum() * 0.0
+        return _ScaleGradient.apply(loss, len(target) * ctx.world_size / n_global)
+    return weighted
+
+
+@contextlib.contextmanager
+def group_errors(ctx):
+    """Within the block, a failed collective of `ctx`'s group (torch.distributed.DistError: a peer died or timed
+    out) is raised as GroupError, which says what happened in one line."""
+    try:
+        yield
+    except dist.DistError as e:
+        if not ctx.active:
+            raise
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise GroupError(f"another process of the group stopped or stopped answering ({reason})") from e

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from model import INPUT_SHAPE
+from s5.errors import EXIT_FAILED, UserError
 from s5.files import atomic_write
 
 # 18 is the opset torchlib (the dynamo exporter's operator library) is written in: no version conversion, and
@@ -34,15 +35,17 @@ MAX_ONNX_BYTES = 64 * 2**20  # an exported Net is 2.4 MB; a larger file is not o
 CHECK_BATCH = 16  # inputs the exported model is run on, against PyTorch, before it is written
 
 
-class MissingPackageError(ImportError):
+class MissingPackageError(UserError, ImportError):
     """A package of requirements-export.txt is not installed; the message names it and the file."""
 
 
-class ExportError(RuntimeError):
+class ExportError(UserError, RuntimeError):
     """The exporter failed, or what it made does not check or does not compute what the Net computes."""
 
+    exit_code = EXIT_FAILED
 
-class OnnxModelError(ValueError):
+
+class OnnxModelError(UserError, ValueError):
     """A file is not an ONNX model of the Net (missing, too big, not ONNX, other inputs or outputs)."""
 
 

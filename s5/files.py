@@ -15,8 +15,10 @@ import stat
 import time
 from pathlib import Path
 
+from s5.errors import UserError
 
-class OutputError(OSError):
+
+class OutputError(UserError, OSError):
     """A file or folder of the run cannot be written or claimed.
 
     `kind` says why, for the entry point to say what to do: "unwritable", "not_a_folder", "not_empty",
@@ -27,9 +29,6 @@ class OutputError(OSError):
     def __init__(self, message, kind="write", path=None):
         super().__init__(message)
         self.kind, self.path = kind, path
-
-    def __str__(self):
-        return self.args[0]
 
 
 def _reason(error, folder):
@@ -124,7 +123,7 @@ class RunDir:
 
     @classmethod
     def _claim(cls, path, dir_fd, run_id):
-        new_id = run_id if run_id not in (None, LEGACY_RUN) else secrets.token_hex(8)  # old runs get an id
+        new_id = run_id or secrets.token_hex(8)
         flags = os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
         try:
             lock_fd = os.open(MARKER, flags | os.O_CREAT | os.O_EXCL, 0o666, dir_fd=dir_fd)
@@ -153,7 +152,7 @@ class RunDir:
                 old_id = _marker_id(os.pread(lock_fd, 256, 0))
             entries = [e for e in os.listdir(dir_fd) if e != MARKER]
             if run_id is not None:  # a resume: the folder must be this run's
-                if old_id != run_id and not (old_id == "" and run_id == LEGACY_RUN):
+                if old_id != run_id:
                     raise OutputError(f"{path} is not the folder of the run being resumed "
                                       f"({'no run marker' if created else 'its marker names another run'})",
                                       "not_this_run", path)
@@ -220,11 +219,8 @@ class RunDir:
         self._lock = self._dir = None
 
 
-LEGACY_RUN = "legacy"  # the run id of checkpoints written before run ids: their folders' markers hold none
-
-
 def _marker_id(content):
-    """The run id on a marker's first line ("run <id>"), or "" for an old marker ("pid N") or an empty one."""
+    """The run id on a marker's first line ("run <id>"), or "" for any other content."""
     first = content.decode("ascii", "replace").split("\n", 1)[0].split()
     return first[1] if len(first) == 2 and first[0] == "run" and first[1].isalnum() else ""
 

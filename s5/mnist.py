@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 from torchvision import datasets
 
+from s5.errors import UserError
+
 REPO_DIR = Path(__file__).resolve().parents[1]
 
 
@@ -46,7 +48,7 @@ FETCH_DEADLINE_S = 120  # the whole fetch, every source together: an unanswering
 STALL_TIMEOUT_S = 15  # one connection that sends nothing for this long is given up
 
 
-class MNISTDataError(RuntimeError):
+class MNISTDataError(UserError, RuntimeError):
     """MNIST files are missing, corrupt or could not be fetched; the message says what to do."""
 
 

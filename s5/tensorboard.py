@@ -1,7 +1,7 @@
 """TensorBoard logs of a run: its history's scalars and its figures, as event files in the run's folder.
 
 `TensorBoardLog(folder, history)` is given the run's history after every epoch (`epoch(history)`: the whole
-engine.new_history() dict) and writes only the points not yet written, so it can be handed the same growing dict
+s5.loop.new_history() dict) and writes only the points not yet written, so it can be handed the same growing dict
 each time. A resumed run constructs it with the history its checkpoint holds: those points are taken as written by
 the earlier session, and anything that session wrote after its checkpoint (it died between the two) is purged
 from what TensorBoard shows, so every point appears once.
@@ -11,10 +11,12 @@ step row at round(step_epoch * 1000). The epoch and the step curves share one x-
 from where its checkpoint stopped instead of starting again at 0.
 
 Tags: epoch/train_loss, epoch/test_loss, epoch/train_acc, epoch/test_acc, epoch/lr; step/train_loss,
-step/train_acc, step/lr (a row every engine.REFRESH_EVERY batches); figures/NAME. Values are stored as float32,
+step/train_acc, step/lr (a row every s5.loop.REFRESH_EVERY batches); figures/NAME. Values are stored as float32,
 TensorBoard's classic scalar. SummaryWriter needs the tensorboard package, which the core install leaves out
 (requirements-tensorboard.txt; `make tensorboard` installs it and serves runs/).
 """
+
+from s5.errors import UserError
 
 STEPS_PER_EPOCH = 1000
 REQUIREMENTS = "requirements-tensorboard.txt"
@@ -24,7 +26,7 @@ EPOCH_TAGS = {"train_loss": "epoch/train_loss", "test_loss": "epoch/test_loss", 
 STEP_TAGS = {"step_train_loss": "step/train_loss", "step_train_acc": "step/train_acc", "step_lr": "step/lr"}
 
 
-class TensorBoardMissingError(ImportError):
+class TensorBoardMissingError(UserError, ImportError):
     """The tensorboard package is not installed; the message says how to install it."""
 
 
@@ -71,6 +73,12 @@ class TensorBoardLog:
                 self.writer.add_scalar(tag, history[key][i], step)
         self.epochs_written, self.steps_written = len(history["epoch"]), len(history["step_epoch"])
         self.writer.flush()  # on disk now: a run killed later loses nothing it has logged
+
+    def epoch_end(self, run, epoch):  # as a run's callback (s5.callbacks)
+        self.epoch(run.history)
+
+    def finish(self, run):
+        pass
 
     def figures(self, **figures):
         """Add matplotlib figures as images tagged figures/NAME at the latest epoch (they stay open)."""

@@ -22,8 +22,7 @@ sys.path.insert(0, str(REPO))
 
 import utils  # noqa: E402
 from model import Net  # noqa: E402
-from s5 import engine  # noqa: E402
-from s5.checkpoints import save_checkpoint  # noqa: E402
+from s5.checkpoints import save_weights  # noqa: E402
 from s5.data import MEAN, STD, get_mnist_dataset  # noqa: E402
 from s5.device import set_seed  # noqa: E402
 from s5.mnist import DATA_DIR, MNIST_MD5, ensure_mnist, raw_dir  # noqa: E402
@@ -98,10 +97,10 @@ def trained(mnist_root, tmp_path_factory):
     model = Net()
     train_loader = get_MNISTdataset_with_loader("train", {"batch_size": 64, "shuffle": True}, data_dir=mnist_root,
                                                       device=device, subset=12_000)
-    opt = engine.get_optimizer(model, "SGD", 0.02, 0.9)
-    utils.train(model, device, train_loader, opt, engine.get_loss(), [], [], progress=False)
+    opt = utils.get_optimizer(model, "SGD", 0.02, 0.9)
+    utils.train(model, device, train_loader, opt, utils.get_loss(), [], [], progress=False)
     path = tmp_path_factory.mktemp("ckpt") / "model.pt"
-    save_checkpoint(path, model, epoch=1)
+    save_weights(path, model)
     test = get_mnist_dataset(False, mnist_root)
     model.eval()
     with torch.no_grad():

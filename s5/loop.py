@@ -1,0 +1,145 @@
+"""The training loop every run, the notebook, the sweep and the benchmark share: one step, one epoch, one evaluation.
+
+`Step` is one optimizer step on a batch, as pytorch/examples writes it. `train_epoch` runs it over a loader and
+keeps the figures (running sums on the device, a NaN check and a progress line every REFRESH_EVERY batches, a row
+of step records); `evaluate` measures a model over a loader. Under torchrun (`ctx` active) every figure is summed
+over all processes, so every rank sees the same numbers and takes the same decisions.
+"""
+
+import math
+
+import torch
+from tqdm.auto import tqdm
+
+from s5 import distributed
+from s5.evaluation import predict_loader
+
+REFRESH_EVERY = 10  # batches between progress-bar updates, NaN checks and step records (each syncs a GPU)
+# A run's history: metrics.csv's columns (one row an epoch; the evaluation named after its images, "test" or "val")
+# and steps.csv's (a row every REFRESH_EVERY batches), with how each is written.
+STEP_COLUMNS = {"step_epoch": ".4f", "step_lr": ".6g", "step_train_loss": ".6f", "step_train_acc": ".2f"}
+
+
+def epoch_columns(evaluated_on="test"):
+    return {"epoch": "d", "lr": ".6g", "train_loss": ".6f", "train_acc": ".2f", f"{evaluated_on}_loss": ".6f",
+            f"{evaluated_on}_acc": ".2f", "train_seconds": ".2f", "elapsed_seconds": ".2f"}
+
+
+def new_history(evaluated_on="test"):
+    """An empty history: a list for every column of metrics.csv and steps.csv."""
+    return {k: [] for k in {**epoch_columns(evaluated_on), **STEP_COLUMNS}}
+
+
+class TrainingDivergedError(FloatingPointError):
+    """The training loss became NaN or infinite."""
+
+
+class Step:
+    """One optimizer step of `model` on a batch: zero the gradients, forward under autocast, loss, backward, step,
+    and a per-batch schedule. The gradient scaler is on for fp16 only (elsewhere it passes everything through)."""
+
+    def __init__(self, model, optimizer, loss_fn, scheduler=None, amp_dtype=None):
+        self.model, self.optimizer, self.loss_fn, self.scheduler = model, optimizer, loss_fn, scheduler
+        self.amp_dtype = amp_dtype
+        self.device = next(model.parameters()).device
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp_dtype == torch.float16)
+
+    def __call__(self, data, target):
+        """Train on one batch; returns the model's output and the loss, detached."""
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            output = self.model(data)
+            loss = self.loss_fn(output, target)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        return output.detach(), loss.detach()
+
+
+def train_epoch(step, loader, ctx=distributed.SINGLE, progress=True, history=None, epoch_before=0):
+    """One training epoch of `step` over `loader`; returns its mean loss and accuracy (%).
+
+    `history` (a `new_history()`), when given, gets a step row every REFRESH_EVERY batches: the fractional
+    epoch (this is epoch `epoch_before` + 1), the learning rate, the mean loss and accuracy since the last row.
+    Raises TrainingDivergedError as soon as the loss is NaN or infinite.
+    """
+    step.model.train()
+    tally = _Tally(step, ctx, history, epoch_before, len(loader) if hasattr(loader, "__len__") else None)
+    bar = tqdm(loader, disable=not (progress and ctx.is_main), dynamic_ncols=True, leave=False)
+    for data, target in bar:
+        data, target = data.to(step.device, non_blocking=True), target.to(step.device, non_blocking=True)
+        output, loss = step(data, target)
+        tally.add(output, target, loss, bar)
+    if tally.batches == 0:
+        raise ValueError("the training loader gave no batches: nothing to train on")
+    loss_sum, correct, seen = tally.sync(bar, final=True)
+    return loss_sum / seen, 100 * correct / seen
+
+
+class _Tally:
+    """An epoch's running sums on the device, synced (over every process), checked and shown every few batches."""
+
+    def __init__(self, step, ctx, history, epoch_before, n_batches):
+        self.step, self.ctx, self.history, self.epoch_before, self.n_batches = step, ctx, history, epoch_before, \
+            n_batches
+        self.loss_sum = torch.zeros((), device=step.device)
+        self.correct = torch.zeros((), dtype=torch.int64, device=step.device)
+        self.seen = torch.zeros((), dtype=torch.int64, device=step.device)
+        self.batches, self.last_loss, self.last_row = 0, None, (0.0, 0, 0)
+
+    def add(self, output, target, loss, bar):
+        self.loss_sum += loss.float() * len(target)
+        self.correct += count_correct(output, target)
+        self.seen += len(target)
+        self.batches, self.last_loss = self.batches + 1, loss
+        if self.batches % REFRESH_EVERY == 0:
+            self.sync(bar)
+
+    def sync(self, bar, final=False):
+        """The sums over every process so far: a NaN stops every rank at once; a step row when new batches came."""
+        sums = distributed.all_sum(self.ctx, self.loss_sum.clone(), self.correct.clone(), self.seen.clone())
+        totals = loss_sum, correct, seen = tuple(t.item() for t in sums)
+        if not math.isfinite(loss_sum):
+            raise TrainingDivergedError(f"training diverged: loss is {loss_sum / max(seen, 1)} at batch "
+                                        f"{self.batches - 1}; lower the learning rate")
+        bar.set_description(f"Train: Loss={self.last_loss.item():0.4f} Batch_id={self.batches - 1} "
+                            f"Accuracy={100 * correct / max(seen, 1):0.2f}")
+        if self.history is not None and seen > self.last_row[2]:
+            done = 1.0 if final or not self.n_batches else min(self.batches / self.n_batches, 1.0)
+            n = seen - self.last_row[2]
+            for key, value in (("step_epoch", self.epoch_before + done),
+                               ("step_lr", self.step.optimizer.param_groups[0]["lr"]),
+                               ("step_train_loss", (loss_sum - self.last_row[0]) / n),
+                               ("step_train_acc", 100 * (correct - self.last_row[1]) / n)):
+                self.history[key].append(value)
+            self.last_row = totals
+        return totals
+
+
+def count_correct(pred, labels):
+    """How many rows of `pred` have their arg-max at the label, as a tensor (no sync with a GPU)."""
+    return pred.argmax(dim=1).eq(labels).sum()
+
+
+def evaluate(model, loader, loss_fn, device, ctx=distributed.SINGLE, amp_dtype=None, progress=True):
+    """Mean per-sample loss, accuracy (%), number correct and number of images of `model` over `loader`.
+
+    Under torchrun each process evaluates its share and the sums are added up: every image counts once.
+    """
+    log_probs, labels, _ = predict_loader(model, loader, device, amp_dtype, progress=progress and ctx.is_main)
+    # One loss call over all outputs is the true per-sample mean (the original summed batch means and divided by
+    # the dataset size, which printed 0.0000).
+    local_loss = float(loss_fn(log_probs, labels).double()) * len(labels) if len(labels) else 0.0
+    sums = torch.tensor([local_loss, float(count_correct(log_probs, labels)), len(labels)], dtype=torch.float64)
+    loss_sum, n_correct, n = distributed.all_sum(ctx, sums.to(device))[0].tolist()
+    if n == 0:
+        raise ValueError("the evaluation loader gave no images: nothing to evaluate")
+    return loss_sum / n, 100.0 * n_correct / n, int(n_correct), int(n)
+
+
+def report_line(loss, n_correct, n, evaluated_on="test"):
+    """The original notebook's line after each evaluation ("Validation set" for held-out training images)."""
+    images = "Validation" if evaluated_on == "val" else "Test"
+    return f"{images} set: Average loss: {loss:.4f}, Accuracy: {n_correct}/{n} ({100.0 * n_correct / n:.2f}%)"
