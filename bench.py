@@ -1,24 +1,17 @@
 """Throughput of the classic and the fast pipeline, side by side in one run on one machine.
 
-    python bench.py                    # training and evaluation img/s, ratios
+    python bench.py                    # training and evaluation img/s, and the ratios
     python bench.py --time-to-target   # also: the fast recipe's wall-clock time to 99.3% (runs train.py)
     python bench.py --compile          # also: torch.compile (inductor) against eager, and whether it pays back
-    python bench.py --recipe fast --seeds 10 [--val-split 10000]   # a recipe's accuracy over 10 seeds
 
-Training: the same Net and SGD step, fed by (1) the classic torchvision DataLoader with per-image PIL
-augmentation, 2 workers, fp32, with glibc's default malloc settings: the original notebook's pipeline;
-(2) the same with `keep_freed_memory()` on, as train.py and the notebook have it on the CPU; (3) the fast
-tensor loader in fp32; (4) the fast loader with mixed precision (bf16 autocast where the hardware has
-it) and channels_last. Evaluation: the original pipeline against the fastest one. Last, each convolution
-alone in the fastest setting (forward, weight gradient, input gradient), which bounds what any pipeline
-can reach on this machine. Prints a table and, last, one JSON line with every figure and the machine.
-
-With --seeds N it measures accuracy instead: the recipe trained with seeds 1..N (or from --first-seed), one run
-after another in runs/sweep-<recipe>-<time>/seed-N, each run's final test accuracy and seconds, then the mean,
-standard deviation, minimum and how many reached --target; a JSON line last.
+Training times the seed recipe's SGD step (s5.loop.Step through s5.loop.train_epoch, the loop every run uses) fed by
+the original pipeline (torchvision DataLoader, per-image PIL augmentation, 2 workers, fp32; on the CPU again with
+freed memory kept, as runs have it) and by the fast tensor loader (fp32, then mixed precision, each with and without
+channels_last); evaluation, the original pipeline against the fastest. Each convolution alone then bounds what any
+pipeline can reach here. Last, one JSON line with every figure and the machine. Accuracy over seeds is sweep.py's.
+Exit status: 0 done, 1 torch.compile or train.py failed, 2 usage or data error, 130 interrupted.
 """
 
-import argparse
 import csv
 import itertools
 import json
@@ -28,329 +21,213 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from model import INPUT_SHAPE, Net
-from s5 import cli, config, data, engine, evaluation, files, mnist, run, sweep
+from s5 import cli, config, data, evaluation, loop, mnist, optim
 from s5.device import amp_dtype_for, cpu_name, get_device, keep_freed_memory
+from s5.errors import UserError
+
+# The classic loader has workers x 2 batches prefetched when timing starts; with fewer than about ten timed
+# batches those free ones, and one step's jitter, make the ratios noise (--batches 1 printed 23x).
+MIN_BATCHES = 10
 
 
-def endless(loader):
-    """The loader's batches, epoch after epoch (a timing window may cross an epoch boundary)."""
-    while True:
-        yield from loader
+def train_throughput(model, loader, amp_dtype, batches, warmup=3):
+    """(images/s, warm-up seconds) of loop.train_epoch over a loop.Step with the seed recipe's SGD: `batches` batches
+    (epoch after epoch: a window may cross an epoch's end) after `warmup` untimed ones (a compiled model compiles)."""
+    step = loop.Step(model, optim.get_optimizer(model, config.RECIPES["seed"]), optim.get_loss(), amp_dtype=amp_dtype)
+    stream = itertools.chain.from_iterable(itertools.repeat(loader))
 
+    def run(n):  # seconds and images; train_epoch ends with .item(), so a GPU is synchronised
+        sizes, start = [], time.perf_counter()
+        loop.train_epoch(step, ((sizes.append(len(y)), (x, y))[1] for x, y in itertools.islice(stream, n)), progress=False)
+        return time.perf_counter() - start, sum(sizes)
 
-def train_throughput(model, device, loader, amp_dtype, batches, warmup=3, warmup_seconds=None):
-    """Images/s of engine.train, the loop every run uses, over `batches` batches after `warmup` untimed ones (whose
-    seconds are appended to the list `warmup_seconds` when given: a compiled model compiles there)."""
-    optimizer = engine.get_optimizer(model, "SGD", 0.01, 0.9)
-    stream = endless(loader)
-
-    seen = []
-
-    def run(n):
-        counted = ((seen.append(len(y)), (x, y))[1] for x, y in itertools.islice(stream, n))
-        engine.train_epoch(model, counted, optimizer, engine.get_loss(), device=device, amp_dtype=amp_dtype,
-                           progress=False)  # ends with .item(): a GPU is synchronised
-
-    start = time.perf_counter()
-    run(warmup)
-    if warmup_seconds is not None:
-        warmup_seconds.append(time.perf_counter() - start)
-    seen.clear()
-    start = time.perf_counter()
-    run(batches)
-    return sum(seen) / (time.perf_counter() - start)
+    warmup_seconds, _ = run(warmup)
+    seconds, images = run(batches)
+    return images / seconds, warmup_seconds
 
 
 def eval_throughput(model, device, loader, amp_dtype):
-    """Images/s of evaluation.predict_loader (what `test` runs) over the whole test set, after one warm-up batch."""
+    """Images/s of evaluation.predict_loader (what every evaluation runs) over the test set, after a warm-up batch."""
     evaluation.predict_loader(model, itertools.islice(loader, 1), device, amp_dtype)
     start = time.perf_counter()
-    labels = evaluation.predict_loader(model, loader, device, amp_dtype).labels
-    return len(labels) / (time.perf_counter() - start)
+    return len(evaluation.predict_loader(model, loader, device, amp_dtype).labels) / (time.perf_counter() - start)
 
 
 def timed(fn, device, repeats=5, warmup=2):
-    """Mean seconds per call of fn()."""
+    """Mean seconds a call of fn(), after `warmup` calls (a GPU's queue drained before and after)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda device: None
     for _ in range(warmup):
         fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    sync(device)
     start = time.perf_counter()
     for _ in range(repeats):
         fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    sync(device)
     return (time.perf_counter() - start) / repeats
 
 
-def conv_passes(model, device, batch_size, dtype, channels_last):
-    """Seconds per batch for each convolution's three training passes alone, with their GFLOP/s.
-
-    Returns [(name, shape text, {pass: (seconds, GFLOP/s)})]. The first layer's input gradient is left
-    out, as in training (the images need none). The sum of the seconds is the convolutions' share of one
-    training step; batch_size divided by it is the most img/s any loader or loop could reach.
-    """
-    convs = [(name, m) for name, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)]
-    inputs = {}
-
-    def record(module, args, output):  # returns None: the output is left as it is
-        inputs[module] = args[0].shape
-
-    hooks = [m.register_forward_hook(record) for _, m in convs]
+def conv_passes(model, device, batch_size, dtype):
+    """[(name, shape, {pass: (seconds, GFLOP/s)})] of each convolution's training passes alone, channels_last. The
+    first one's input gradient is left out, as in training (images need none). The seconds' sum is the convolutions'
+    share of a step: batch_size over it bounds what any loader or loop can reach."""
+    convs, shapes = {m: name for name, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)}, {}
+    hooks = [m.register_forward_hook(lambda m, args, out: shapes.update({m: args[0].shape})) for m in convs]
     with torch.no_grad():
         model(torch.zeros(1, *INPUT_SHAPE, device=device))
     for h in hooks:
         h.remove()
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    dtype = dtype or torch.float32
     rows = []
-    for i, (name, conv) in enumerate(convs):
-        x = torch.randn(batch_size, *inputs[conv][1:], device=device, dtype=dtype).contiguous(memory_format=fmt)
-        w = conv.weight.detach().to(dtype).contiguous(memory_format=fmt)
-        x.requires_grad_(i > 0)
-        w.requires_grad_()
-
-        def forward(x=x, w=w, conv=conv):
-            return F.conv2d(x, w, None, conv.stride, conv.padding, conv.dilation, conv.groups)
-
-        y = forward()
-        g = torch.randn_like(y)
-        gflop = 2 * y.numel() * w[0].numel() / 1e9  # one multiply-add per output element and weight tap
-        passes = {"forward": forward,
-                  "grad weight": lambda y=y, w=w, g=g: torch.autograd.grad(y, w, g, retain_graph=True)}
-        if i > 0:
-            passes["grad input"] = lambda y=y, x=x, g=g: torch.autograd.grad(y, x, g, retain_graph=True)
-        figures = {}
-        for pass_name, fn in passes.items():
-            seconds = timed(fn, device)
-            figures[pass_name] = (seconds, gflop / seconds)
-        shape = f"{conv.in_channels}->{conv.out_channels} @{inputs[conv][2]}x{inputs[conv][3]}"
-        rows.append((name, shape, figures))
+    for i, (c, name) in enumerate(convs.items()):
+        x = torch.randn(batch_size, *shapes[c][1:], device=device, dtype=dtype or torch.float32)
+        x = x.contiguous(memory_format=torch.channels_last).requires_grad_(i > 0)
+        w = c.weight.detach().to(x.dtype).contiguous(memory_format=torch.channels_last).requires_grad_()
+        y = F.conv2d(x, w, None, c.stride, c.padding, c.dilation, c.groups)
+        g, gflop = torch.randn_like(y), 2 * y.numel() * w[0].numel() / 1e9  # a multiply-add per output and tap
+        passes = {"forward": lambda x=x, w=w, c=c: F.conv2d(x, w, None, c.stride, c.padding, c.dilation, c.groups),
+                  "grad weight": lambda y=y, w=w, g=g: torch.autograd.grad(y, w, g, retain_graph=True),
+                  "grad input": lambda y=y, x=x, g=g: torch.autograd.grad(y, x, g, retain_graph=True)}
+        seconds = {what: timed(fn, device) for what, fn in list(passes.items())[:3 if i else 2]}
+        rows.append((name, f"{c.in_channels}->{c.out_channels} @{shapes[c][2]}x{shapes[c][3]}",
+                     {what: (s, gflop / s) for what, s in seconds.items()}))
     return rows
 
 
-def compile_payback(fresh_model, device, loader, amp_dtype, batches):
-    """torch.compile (inductor) against eager on the fast path: figures for the training step either way.
-
-    Returns {eager_img_s, compiled_img_s, compile_seconds (the compiled model's first 3 steps less eager's),
-    payback_steps (steps until the compile time is won back; None when a compiled step is not faster)}.
-    """
-    eager_warmup, compiled_warmup = [], []
-    eager = train_throughput(fresh_model(True), device, loader, amp_dtype, batches, warmup_seconds=eager_warmup)
-    compiled = train_throughput(torch.compile(fresh_model(True)), device, loader, amp_dtype, batches,
-                                warmup_seconds=compiled_warmup)
-    compile_seconds = max(0.0, compiled_warmup[0] - eager_warmup[0])
-    saved_a_step = loader.batch_size / eager - loader.batch_size / compiled
-    return {"eager_img_s": round(eager, 1), "compiled_img_s": round(compiled, 1),
-            "compile_seconds": round(compile_seconds, 1),
-            "payback_steps": math.ceil(compile_seconds / saved_a_step) if saved_a_step > 0 else None}
-
-
-def time_to_target(target, data_dir):
-    """Run `train.py --recipe fast` and return (seconds to reach target %, accuracy then, final)."""
+def time_to_target(target, data_dir, device):
+    """Runs `train.py --recipe fast`; from its metrics.csv, (seconds when the test accuracy first reached `target`,
+    the accuracy then: both None if never; the final accuracy, the run's seconds)."""
+    train_py = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
     with tempfile.TemporaryDirectory() as out:
-        cmd = [sys.executable, str(Path(__file__).with_name("train.py")), "--recipe", "fast", "--no-progress",
-               "--data-dir", str(data_dir), "--out", out + "/run"]
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        done = subprocess.run([sys.executable, train_py, "--recipe", "fast", "--no-progress", "--device", device,
+                               "--data-dir", data_dir, "--out", out + "/run"], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+        if done.returncode == cli.EXIT_INTERRUPTED:
+            raise KeyboardInterrupt
+        if done.returncode:  # its last line is its one-line error (those before, warnings)
+            why = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1].removeprefix("error: ")
+            cli.fail(f"train.py --recipe fast failed: {why}", cli.EXIT_FAILED)
         with open(out + "/run/metrics.csv") as f:
             rows = list(csv.DictReader(f))
-    hit = next((r for r in rows if float(r["test_acc"]) >= target), None)
-    return (float(hit["elapsed_seconds"]) if hit else None,
-            float(hit["test_acc"]) if hit else None, float(rows[-1]["test_acc"]), float(rows[-1]["elapsed_seconds"]))
+    hit = next((r for r in rows if float(r["test_acc"]) >= target), {})
+    return (float(hit["elapsed_seconds"]) if hit else None, float(hit["test_acc"]) if hit else None,
+            float(rows[-1]["test_acc"]), float(rows[-1]["elapsed_seconds"]))
 
 
-MIN_BATCHES = 10
-
-
-def accuracy_percent(text):
-    """An argparse type: a test accuracy in percent, above 0 and at most 100."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 < value <= 100:  # NaN fails this too
-        raise argparse.ArgumentTypeError(f"{text} is out of range: give a percentage above 0 and at most 100")
-    return value
-
-
-accuracy_percent.__name__ = "percentage"
-
-
-def seeds_main(args):
-    """The recipe over --seeds seeds: each run's figures as it ends, then the summary and one JSON line."""
-    try:
-        run_config = config.RunConfig.build(args.recipe, epochs=args.epochs, batch_size=args.batch_size,
-                                            train_subset=args.train_subset, val_split=args.val_split,
-                                            device=args.device, data_dir=args.data_dir, progress=False)
-        device = get_device(args.device)
-        seconds = sweep.estimate_seconds(run_config, device, args.seeds)
-    except config.ConfigError as e:
-        cli.fail(cli.config_message(e))
-    except (ValueError, mnist.MNISTDataError) as e:
-        cli.fail(e)
-    seeds = range(args.first_seed, args.first_seed + args.seeds)
-    folder = Path(config.RUNS_DIR) / f"sweep-{run_config.name}-{files.timestamp()}"
-    print(f"{args.seeds} runs of {run_config.recipe} on {cpu_name() if device.type == 'cpu' else device}: about "
-          f"{seconds / 60:.0f} min (from 8 timed steps); runs in {folder}/", flush=True)
-    try:
-        results = sweep.sweep(run_config, device, seeds, folder)
-    except KeyboardInterrupt:
-        cli.fail(f"interrupted; the finished runs are in {folder}/", cli.EXIT_INTERRUPTED)
-    except (run.RunStoppedError, files.OutputError, config.ConfigError, ValueError) as e:
-        cli.fail(f"a run of the sweep stopped: {e}", cli.EXIT_FAILED)
-    for r in results:
-        val = f", validation {r['val_acc']:.2f}%" if r["val_acc"] is not None else ""
-        print(f"seed {r['seed']}: test {r['test_acc']:.2f}%{val}, {r['seconds']:.0f} s")
-    seconds = [r["seconds"] for r in results]
-    stats = {"test_acc": sweep.summary([r["test_acc"] for r in results], args.target),
-             "seconds": {"mean": sum(seconds) / len(seconds), "min": min(seconds), "max": max(seconds)}}
-    if args.val_split:
-        stats["val_acc"] = sweep.summary([r["val_acc"] for r in results], args.target)
-        print(sweep.format_summary("validation", stats["val_acc"]))
-    print(sweep.format_summary("test", stats["test_acc"]))
-    print(f"seconds a run: mean {stats['seconds']['mean']:.0f}, min {stats['seconds']['min']:.0f}, max "
-          f"{stats['seconds']['max']:.0f}")
-    machine = {"cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__,
-               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
-    print(json.dumps({"config": run_config.to_dict(), "seeds": list(seeds), "runs": results, **stats, **machine},
-                     allow_nan=False))
-    return 0
-
-
-def main(argv=None):
-    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=cli.HelpFormatter)
-    p.add_argument("--batch-size", type=cli.whole_number(1, config.TRAIN_IMAGES),
-                   help="training batch size (default: 512, the original's; with --seeds the recipe's)")
-    # The classic loader has workers x 2 batches prefetched when timing starts; with fewer than about ten timed
-    # batches those free ones, and one step's jitter, make the ratios noise (--batches 1 printed 23x).
-    p.add_argument("--batches", type=cli.whole_number(MIN_BATCHES), default=60,
-                   help="timed training batches per pipeline (fewer lets prefetching flatter the classic loader)")
-    p.add_argument("--device", default="auto", help="cuda, cpu, or auto")
-    p.add_argument("--data-dir", default=str(mnist.DATA_DIR), help="MNIST root")
-    p.add_argument("--workers", type=cli.whole_number(0), default=2,
-                   help="classic DataLoader workers (the original's 2)")
-    p.add_argument("--time-to-target", action="store_true", help="also time the fast recipe to --target")
-    p.add_argument("--compile", action="store_true",
-                   help="also time the fast recipe's training step under torch.compile (inductor) against eager")
-    p.add_argument("--target", type=accuracy_percent, default=99.3,
-                   help="test accuracy (%%) for --time-to-target and --seeds")
-    sweep_flags = p.add_argument_group("accuracy over seeds")
-    sweep_flags.add_argument("--seeds", type=cli.whole_number(1, 1000), help="train the recipe with N seeds instead")
-    sweep_flags.add_argument("--first-seed", type=cli.whole_number(0, 2**32 - 1000), default=1, help="first seed")
-    sweep_flags.add_argument("--recipe", choices=sorted(config.RECIPES), default="fast", help="recipe to train")
-    sweep_flags.add_argument("--epochs", type=cli.whole_number(1), help="epochs (default: the recipe's)")
-    sweep_flags.add_argument("--train-subset", type=cli.whole_number(1, config.TRAIN_IMAGES),
-                             help="train on the first N training images")
-    sweep_flags.add_argument("--val-split", type=cli.whole_number(0, config.TRAIN_IMAGES - 1), default=0,
-                             help="hold out N training images for validation in every run")
-    args = p.parse_args(argv)
-    if args.seeds and (args.compile or args.time_to_target):
-        p.error(f"argument {'--compile' if args.compile else '--time-to-target'}: not with --seeds (it measures "
-                "accuracy, not speed): run them apart")
-    if args.seeds:
-        return seeds_main(args)
-    args.batch_size = args.batch_size or 512
-    if args.batches < 4 * args.workers:
-        p.error(f"argument --batches: {args.batches} is too few for --workers {args.workers}: the classic loader has "
-                f"{2 * args.workers} batches prefetched when timing starts; give {4 * args.workers} or more")
-
-    try:
-        device = get_device(args.device)
-        train_split, test_split = mnist.load_split(True, args.data_dir), mnist.load_split(False, args.data_dir)
-    except (ValueError, mnist.MNISTDataError) as e:
-        cli.fail(e)
-    amp_dtype = amp_dtype_for(device, True)
+def bench(args):
+    """The table, the convolutions' ceiling, the ratios, what was asked for, then the JSON line."""
+    device, figures = get_device(args.device), {}
+    splits = {train: mnist.load_split(train, args.data_dir) for train in (True, False)}
+    amp, fast = amp_dtype_for(device, True), config.RECIPES["fast"]
+    precision = str(amp or "fp32").removeprefix("torch.")
     # Not persistent: the workers stop when a timing ends, instead of prefetching during the next one.
     classic = {"loader": "classic", "workers": args.workers, "pin_memory": True, "persistent_workers": False}
 
-    def fresh_model(channels_last):
-        torch.manual_seed(0)
-        model = Net().to(device)
-        return model.to(memory_format=torch.channels_last) if channels_last else model
+    def loader(train, batch_size=None, **kw):
+        batch_size = batch_size or (args.batch_size if train else data.TEST_BATCH)
+        return data.make_loader(*splits[train], batch_size=batch_size, train=train, device=device, **kw)
 
-    def report(kind, key, pipeline, dtype, channels_last, loader):
-        model = fresh_model(channels_last)
-        img_s = (train_throughput(model, device, loader, dtype, args.batches) if kind == "train"
-                 else eval_throughput(model, device, loader, dtype))
+    def model(channels_last):
+        torch.manual_seed(0)
+        return Net().to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+
+    def report(kind, key, pipeline, dtype, channels_last, batches):
+        img_s = (train_throughput(model(channels_last), batches, dtype, args.batches)[0] if kind == "train"
+                 else eval_throughput(model(channels_last), device, batches, dtype))
         figures[f"{kind}_{key}_img_s"] = round(img_s, 1)
         layout = "channels_last" if channels_last else "contiguous"
         print(f"{kind:<6}{pipeline:<20}{str(dtype or 'fp32'):<16}{layout:<15}{img_s:>8.0f} img/s", flush=True)
 
-    figures = {}
-    train_classic = data.make_loader(*train_split, batch_size=args.batch_size, train=True, device=device, **classic)
-    test_classic = data.make_loader(*test_split, batch_size=256, train=False, device=device, **classic)
     # The original pipeline first: keep_freed_memory() cannot be undone within a process.
-    report("train", "classic_fp32", "classic DataLoader", None, False, train_classic)
-    report("eval", "classic_fp32", "classic DataLoader", None, False, test_classic)
-    kept = device.type == "cpu" and keep_freed_memory()
-    if kept:
+    report("train", "classic_fp32", "classic DataLoader", None, False, train_classic := loader(True, **classic))
+    report("eval", "classic_fp32", "classic DataLoader", None, False, loader(False, **classic))
+    if kept := device.type == "cpu" and keep_freed_memory():
         report("train", "classic_fp32_kept", "classic, kept mem", None, False, train_classic)
-    train_fast = data.make_loader(*train_split, batch_size=args.batch_size, train=True, device=device)
-    for key, dtype, cl in [("fast_fp32", None, False), ("fast_fp32_cl", None, True),
-                           ("fast_amp", amp_dtype, False), ("fast_amp_cl", amp_dtype, True)]:
-        report("train", key, "fast loader", dtype, cl, train_fast)
-    test_fast = data.make_loader(*test_split, batch_size=256, train=False, device=device)
-    report("eval", "fast_amp_cl", "fast loader", amp_dtype, True, test_fast)
+    for key, dtype, cl in [("fast_fp32", None, False), ("fast_fp32_cl", None, True), ("fast_amp", amp, False),
+                           ("fast_amp_cl", amp, True)]:
+        report("train", key, "fast loader", dtype, cl, loader(True))
+    report("eval", "fast_amp_cl", "fast loader", amp, True, loader(False))
 
-    print(f"\neach convolution alone, batch {args.batch_size}, {amp_dtype or 'fp32'}, channels_last:")
-    conv_seconds = 0.0
-    for name, shape, passes in conv_passes(fresh_model(True), device, args.batch_size, amp_dtype, True):
-        conv_seconds += sum(seconds for seconds, _ in passes.values())
+    print(f"\neach convolution alone, batch {args.batch_size}, {precision}, channels_last:")
+    rows = conv_passes(model(True), device, args.batch_size, amp)
+    for name, shape, passes in rows:
         print(f"  {name:<6}{shape:<18}" + "  ".join(f"{what} {s * 1e3:6.2f} ms {gf:6.0f} GFLOP/s"
                                                    for what, (s, gf) in passes.items()))
+    conv_seconds = sum(s for _, _, passes in rows for s, _ in passes.values())
     figures["conv_only_ms_per_batch"] = round(conv_seconds * 1e3, 1)
-    figures["conv_only_ceiling_img_s"] = round(args.batch_size / conv_seconds, 1)
-    print(f"  all convolutions: {conv_seconds * 1e3:.1f} ms a batch, so at most "
-          f"{figures['conv_only_ceiling_img_s']:.0f} img/s; the fast path reached "
-          f"{figures['train_fast_amp_cl_img_s'] / figures['conv_only_ceiling_img_s']:.0%} of that")
-
-    def ratio(fast, classic):
-        return round(figures[f"{fast}_img_s"] / figures[f"{classic}_img_s"], 2)
-
-    precision = str(amp_dtype or "fp32").removeprefix("torch.")
-    speedups = [("train_speedup_fast_fp32", "train_fast_fp32", "train_classic_fp32",
-                 "training, fast loader fp32 vs the original pipeline"),
-                ("train_speedup_fast_amp_cl", "train_fast_amp_cl", "train_classic_fp32",
-                 f"training, fast loader + {precision} + channels_last vs the original pipeline"),
-                ("eval_speedup_fast_amp_cl", "eval_fast_amp_cl", "eval_classic_fp32",
-                 f"evaluation, fast loader + {precision} vs the original pipeline")]
-    if kept:
-        speedups.insert(2, ("train_speedup_fast_amp_cl_vs_kept", "train_fast_amp_cl", "train_classic_fp32_kept",
-                            f"training, fast loader + {precision} + channels_last vs classic with kept memory"))
-    print()
-    for key, fast, classic, label in speedups:
-        figures[key] = ratio(fast, classic)
-        print(f"{label}: {figures[key]:.2f}x")
+    figures["conv_only_ceiling_img_s"] = ceiling = round(args.batch_size / conv_seconds, 1)
+    print(f"  all convolutions: {conv_seconds * 1e3:.1f} ms a batch, so at most {ceiling:.0f} img/s; the fast path "
+          f"reached {figures['train_fast_amp_cl_img_s'] / ceiling:.0%} of that\n")
+    best, original = f"fast loader + {precision} + channels_last", "vs the original pipeline"
+    for key, fast_key, slow_key, what in [
+            ("train_speedup_fast_fp32", "train_fast_fp32", "train_classic_fp32", f"fast loader fp32 {original}"),
+            ("train_speedup_fast_amp_cl", "train_fast_amp_cl", "train_classic_fp32", f"{best} {original}"),
+            ("train_speedup_fast_amp_cl_vs_kept", "train_fast_amp_cl", "train_classic_fp32_kept",
+             f"{best} vs classic with kept memory"),
+            ("eval_speedup_fast_amp_cl", "eval_fast_amp_cl", "eval_classic_fp32", f"{best} {original}")]:
+        if slow_key in figures:  # the kept-memory row is the CPU's alone
+            figures[key] = round(figures[f"{fast_key}_img_s"] / figures[f"{slow_key}_img_s"], 2)
+            print(f"{key.split('_')[0].replace('eval', 'evaluation')}ing, {what}: {figures[key]:.2f}x", flush=True)
     if args.compile:
-        fast = config.RECIPES["fast"]
-        loader = data.make_loader(*train_split, batch_size=fast.batch_size, train=True, device=device)
-        steps = fast.epochs * len(loader)
+        batches = loader(True, fast.batch_size)
         try:
-            figures["compile"] = c = compile_payback(fresh_model, device, loader, amp_dtype, args.batches)
+            eager, eager_warmup = train_throughput(model(True), batches, amp, args.batches)
+            compiled, compiled_warmup = train_throughput(torch.compile(model(True)), batches, amp, args.batches)
         except Exception as e:  # inductor's errors (no C++ compiler, an unsupported device) have many types
             cli.fail(f"torch.compile failed here ({(str(e).strip().splitlines() or [type(e).__name__])[0][:200]}): "
                      "on the CPU it needs a C++ compiler (g++ or clang); leave out --compile", cli.EXIT_FAILED)
-        pays = (f"pays back after {c['payback_steps']} steps (a fast run has {steps})"
-                if c["payback_steps"] is not None else "never pays back: a compiled step is slower")
-        print(f"torch.compile, the table's training step at the fast recipe's batch {fast.batch_size} ({precision}, "
-              f"channels_last): eager {c['eager_img_s']:.0f} img/s, compiled {c['compiled_img_s']:.0f} img/s after "
-              f"{c['compile_seconds']:.0f} s of compiling; {pays}")
+        compile_seconds = max(0.0, compiled_warmup - eager_warmup)  # the compiled model's 3 warm-up steps less eager's
+        saved_a_step = fast.batch_size / eager - fast.batch_size / compiled
+        payback = math.ceil(compile_seconds / saved_a_step) if saved_a_step > 0 else None
+        figures["compile"] = {"eager_img_s": round(eager, 1), "compiled_img_s": round(compiled, 1),
+                              "compile_seconds": round(compile_seconds, 1), "payback_steps": payback}
+        pays = (f"pays back after {payback} steps (a fast run has {fast.epochs * len(batches)})"
+                if payback is not None else "never pays back: a compiled step is slower")
+        print(f"torch.compile, the training step at the fast recipe's batch {fast.batch_size} ({precision}, "
+              f"channels_last): eager {eager:.0f} img/s, compiled {compiled:.0f} img/s after {compile_seconds:.0f} s "
+              f"of compiling; {pays}", flush=True)
     if args.time_to_target:
-        seconds, acc, final, total = time_to_target(args.target, args.data_dir)
+        seconds, acc, final, total = time_to_target(args.target, args.data_dir, args.device)
         figures.update(fast_recipe_seconds_to_target=seconds, fast_recipe_acc_at_target=acc,
                        fast_recipe_final_acc=final, fast_recipe_total_seconds=total, target=args.target)
         print(f"fast recipe: {args.target}% after {seconds} s (final {final}% at {total} s)")
-    machine = {"cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__,
-               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-               "batch_size": args.batch_size}
-    print(json.dumps({**figures, **machine}))
+    machine = {"cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__, "batch_size": args.batch_size,
+               "eval_batch_size": data.TEST_BATCH,
+               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type}
+    print(json.dumps({**figures, **machine}), flush=True)
+
+
+def main(argv=None):
+    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch-size", type=cli.whole_number(1, config.TRAIN_IMAGES),
+                   default=config.RECIPES["seed"].batch_size, help="training batch size (default: the seed recipe's, "
+                   "%(default)s; evaluation's is s5.data.TEST_BATCH, 256)")
+    p.add_argument("--batches", type=cli.whole_number(MIN_BATCHES), default=60,
+                   help="timed training batches per pipeline (fewer lets prefetching flatter the classic loader)")
+    p.add_argument("--device", default="auto", help="cuda, cpu, or auto")
+    p.add_argument("--data-dir", default=str(mnist.DATA_DIR), help="MNIST root")
+    p.add_argument("--workers", type=cli.whole_number(0), default=2, help="classic DataLoader workers (the original 2)")
+    p.add_argument("--time-to-target", action="store_true", help="also time the fast recipe to --target (train.py)")
+    p.add_argument("--compile", action="store_true", help="also time the training step under torch.compile (inductor)")
+    p.add_argument("--target", type=cli.typed("target", config.Field(float, 0, 100, above=True)), default=99.3,
+                   help="test accuracy (%%) for --time-to-target (default: 99.3)")
+    try:
+        with cli.stop_like_ctrl_c():
+            args = p.parse_args(argv)
+            if args.batches < 4 * args.workers:
+                p.error(f"argument --batches: {args.batches} is too few for --workers {args.workers}: the classic "
+                        f"loader has {2 * args.workers} batches prefetched when timing starts; give {4 * args.workers}"
+                        " or more")
+            bench(args)
+    except KeyboardInterrupt:
+        cli.fail("interrupted", cli.EXIT_INTERRUPTED)
+    except UserError as e:
+        cli.fail(cli.message(e), e.exit_code)
+    return cli.EXIT_OK
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -29,8 +29,8 @@ def typed(name, field):
     def parse(text):
         try:
             return field.check(name, field.kind(text))
-        except ConfigError as e:
-            raise argparse.ArgumentTypeError(e.reason) from None
+        except ConfigError:  # parsed, so out of range: said with the text as typed
+            raise argparse.ArgumentTypeError(f"{text} is out of range: give {field.allowed()}") from None
         except ValueError:
             raise argparse.ArgumentTypeError(
                 f"{text!r} is not {'a whole number' if field.kind is int else 'a number'}") from None

@@ -51,9 +51,12 @@ class Field:
             if value not in self.choices:
                 raise ConfigError(name, f"{value!r} is not {self.allowed()}")
             return value
-        numeric = self.kind in (int, float) and not isinstance(value, bool) and \
-            isinstance(value, int if self.kind is int else (int, float))
-        if not numeric and not (isinstance(value, self.kind) and (self.kind is bool or (value and "\0" not in value))):
+        numeric = self.kind in (int, float)
+        if numeric:
+            ok = not isinstance(value, bool) and isinstance(value, int if self.kind is int else (int, float))
+        else:
+            ok = isinstance(value, self.kind) and (self.kind is bool or (value != "" and "\0" not in value))
+        if not ok:
             raise ConfigError(name, f"{value!r} is not {'a whole number' if self.kind is int else self.allowed()}")
         if numeric and not (math.isfinite(value) and (value > self.low if self.above else value >= self.low) and
                             (self.high is None or (value < self.high if self.below else value <= self.high))):

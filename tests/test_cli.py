@@ -5,7 +5,10 @@ import math
 from hypothesis import given
 from hypothesis import strategies as st
 
+import pytest
+
 from s5 import cli
+from s5.config import FIELDS, ConfigError
 
 
 @given(st.text(max_size=12) | st.integers(-10**12, 10**12).map(str) | st.floats().map(str))
@@ -20,13 +23,36 @@ def test_whole_number_accepts_only_the_range(text):
 
 
 @given(st.text(max_size=12) | st.floats(allow_nan=True, allow_infinity=True).map(str))
-def test_positive_number_is_finite_and_above_zero(text):
+def test_a_flag_made_from_a_field_is_finite_and_in_range(text):
+    parse = cli.typed("lr", FIELDS["lr"])
     try:
-        value = cli.positive_number(text)
+        value = parse(text)
     except argparse.ArgumentTypeError as e:
         assert "\n" not in str(e)
     else:
         assert math.isfinite(value) and value > 0
+
+
+def test_every_setting_has_one_definition_for_its_flag_and_its_check():
+    """train.py's flags are made from FIELDS: the flag refuses what the configuration refuses, in the same words."""
+    import train
+    for name, field in FIELDS.items():
+        if field.kind in (int, float):
+            text = str(field.low - 1)
+            with pytest.raises(ConfigError) as built:
+                field.check(name, field.kind(text))
+            with pytest.raises(SystemExit):
+                train.build_parser().parse_args([cli.flag(name), text])
+            assert built.value.reason in capsys_err(train, name, text)
+
+
+def capsys_err(train, name, text):
+    import contextlib
+    import io
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.suppress(SystemExit):
+        train.build_parser().parse_args([cli.flag(name), text])
+    return err.getvalue()
 
 
 def test_parser_errors_are_one_line_with_exit_2(capsys):
@@ -48,8 +74,5 @@ def test_train_parser_keeps_only_the_flags_written():
 
 
 def test_config_errors_are_worded_with_the_flag():
-    from s5.config import ConfigError
-
-    assert cli.config_message(ConfigError("batch_size", "0 is out of range")) == \
-        "argument --batch-size: 0 is out of range"
-    assert cli.config_message(ConfigError("name", "unknown")).startswith("argument --recipe:")
+    assert cli.message(ConfigError("batch_size", "0 is out of range")) == "argument --batch-size: 0 is out of range"
+    assert cli.message(ConfigError("name", "unknown")).startswith("argument --recipe:")

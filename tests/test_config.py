@@ -43,7 +43,7 @@ def test_run_values_are_checked_once_when_built(run, field):
 
 
 def test_batch_larger_than_the_training_set_is_refused():
-    with pytest.raises(ConfigError, match="more than the 60,000 training images"):
+    with pytest.raises(ConfigError, match="batch_size: 60001 is out of range: give 1 to 60000"):
         RunConfig.build("seed", batch_size=60_001)
 
 

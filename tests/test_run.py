@@ -5,9 +5,9 @@ import pytest
 import torch
 from conftest import assert_one_line_error, read_metrics, run_train
 
-from s5 import engine
+from s5 import callbacks, loop
 from s5.config import RunConfig, get_recipe
-from s5.run import split_images, warmup_steps
+from s5.data import split_images
 
 
 def test_validation_split_is_disjoint_and_fixed_by_the_seed():
@@ -24,12 +24,12 @@ def test_validation_split_is_disjoint_and_fixed_by_the_seed():
 
 
 def test_warmup_is_counted_in_steps():
-    assert warmup_steps(get_recipe("fast"), 469) == int(0.25 * 2 * 469)
-    assert warmup_steps(get_recipe("seed"), 118) == 0
+    assert get_recipe("fast").warmup_steps(469) == int(0.25 * 2 * 469)
+    assert get_recipe("seed").warmup_steps(118) == 0
 
 
 def _history(accuracies, steps_per_epoch=32):
-    history = engine.new_history()
+    history = loop.new_history()
     for i, acc in enumerate(accuracies, start=1):
         history["step_epoch"].append(10 * i / steps_per_epoch)
         history["step_train_acc"].append(acc)
@@ -38,17 +38,17 @@ def _history(accuracies, steps_per_epoch=32):
 
 def test_a_run_at_chance_after_the_warm_up_is_named():
     collapsed = _history([11, 12, 14, 13, 10, 12])  # rows at steps 10, 20, ..., 60; warm-up of 16 steps
-    warning = engine.collapse_warning(collapsed, 32, 16)
+    warning = callbacks.collapse_warning(collapsed, 32, 16)
     assert warning.startswith("training accuracy is 10% at step 50, after the warm-up: the run looks collapsed")
     assert "lower learning rate" in warning
-    assert engine.collapse_warning(_history([11, 12, 60, 80, 85]), 32, 16) is None  # it learned by then
-    assert engine.collapse_warning(_history([7, 8]), 4, 0) is None  # 8 steps in all: too few to judge
-    assert engine.collapse_warning(_history([11, 12]), 32, 16) is None  # not measured yet
+    assert callbacks.collapse_warning(_history([11, 12, 60, 80, 85]), 32, 16) is None  # it learned by then
+    assert callbacks.collapse_warning(_history([7, 8]), 4, 0) is None  # 8 steps in all: too few to judge
+    assert callbacks.collapse_warning(_history([11, 12]), 32, 16) is None  # not measured yet
     # No warm-up (the original's StepLR): its erratic start is not a collapse; the end of its first epoch decides.
     erratic = _history([14, 20, 30, 58, 50, 13, 27, 49, 76, 82, 86, 88], steps_per_epoch=118)
-    assert engine.collapse_warning(erratic, 118, 0) is None
+    assert callbacks.collapse_warning(erratic, 118, 0) is None
     stuck = _history([14, 11, 10, 12, 11, 10, 9, 11, 10, 11, 10, 12], steps_per_epoch=118)
-    assert engine.collapse_warning(stuck, 118, 0).startswith("training accuracy is 12% at step 120")
+    assert callbacks.collapse_warning(stuck, 118, 0).startswith("training accuracy is 12% at step 120")
 
 
 def test_impossible_validation_split(tmp_path, capsys):

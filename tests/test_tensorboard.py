@@ -6,7 +6,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 
-from s5 import engine
+from s5 import loop
 from s5.tensorboard import EPOCH_TAGS, STEP_TAGS, TensorBoardLog, TensorBoardMissingError, global_step
 
 event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
@@ -15,23 +15,23 @@ STEP_ROWS = 4  # a row every 10 of 47 batches: 10/47, 20/47, 30/47 and the epoch
 
 
 def fake_history(epochs, seed=0):
-    """engine.new_history() as `epochs` epochs of a run fill it: one value a key an epoch, STEP_ROWS step rows."""
+    """loop.new_history() as `epochs` epochs of a run fill it: one value a key an epoch, STEP_ROWS step rows."""
     rng = np.random.default_rng(seed)
-    history = engine.new_history()
+    history = loop.new_history()
     for e in range(1, epochs + 1):
         for done in (10, 20, 30, 47):
             history["step_epoch"].append(e - 1 + done / 47)
             history["step_lr"].append(0.01 * 0.9 ** e)
             history["step_train_loss"].append(float(rng.uniform(0, 2)))
             history["step_train_acc"].append(float(rng.uniform(50, 100)))
-        for key in engine.EPOCH_RECORD:
+        for key in loop.epoch_columns():
             history[key].append(e if key == "epoch" else float(rng.uniform(0, 100)))
-    return engine.new_history(history)
+    return history
 
 
 def first(history, epochs):
     """The history as it was after `epochs` epochs (what a checkpoint of that epoch holds)."""
-    return {k: v[:epochs] if k in engine.EPOCH_RECORD else v[:epochs * STEP_ROWS] for k, v in history.items()}
+    return {k: v[:epochs] if k in loop.epoch_columns() else v[:epochs * STEP_ROWS] for k, v in history.items()}
 
 
 def read(folder):
@@ -115,7 +115,7 @@ def test_train_py_logs_what_metrics_csv_holds(tmp_path, mnist_root):
     rows = read_metrics(out / "metrics.csv")
     for key in ("train_loss", "train_acc", "test_loss", "test_acc", "lr"):
         logged = [(e.step, e.value) for e in acc.Scalars(EPOCH_TAGS[key])]
-        decimals = int(engine.EPOCH_RECORD[key].strip(".fg")) if key != "lr" else 5  # as metrics.csv rounds
+        decimals = int(loop.epoch_columns()[key].strip(".fg")) if key != "lr" else 5  # as metrics.csv rounds
         assert logged == [(global_step(int(r["epoch"])), pytest.approx(float(r[key]), rel=1e-5,
                                                                         abs=0.5 * 10 ** -decimals + 1e-7))
                           for r in rows], key

@@ -551,7 +551,7 @@ def test_a_run_with_affine_augmentation_and_tta_records_and_saves_what_it_evalua
     from model import Net
     from s5.checkpoints import read_resumable
     from s5.data import make_loader
-    from s5.engine import evaluate
+    from s5.loop import evaluate
     from s5.evaluation import ShiftAveraged
     from s5.mnist import load_split
     out = tmp_path / "run"

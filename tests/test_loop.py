@@ -4,9 +4,25 @@ import torch.nn.functional as F
 
 import utils
 from model import Net
-from s5 import config, engine
+from s5 import config, loop, optim
 from s5.device import amp_dtype_for, set_seed
 from utils import get_MNISTdataset_with_loader
+
+
+
+
+def fit(model, batches, opt, sched, epochs, eval_batches=None):
+    """The classic notebook's loop over utils.train/test: what a user writes around the core."""
+    history = loop.new_history()
+    for _ in range(epochs):
+        history["lr"].append(opt.param_groups[0]["lr"])
+        utils.train(model, "cpu", batches, opt, F.nll_loss, history["train_loss"], history["train_acc"],
+                    scheduler=sched if optim.steps_per_batch(sched) else None, steps=history, progress=False)
+        utils.test(model, "cpu", eval_batches or batches, F.nll_loss, history["test_loss"], history["test_acc"],
+                   progress=False)
+        if sched is not None and not optim.steps_per_batch(sched):
+            sched.step()
+    return history
 
 
 def test_get_correct_pred_count():
@@ -16,47 +32,52 @@ def test_get_correct_pred_count():
 
 
 def test_get_optimizer_and_unknown_name():
-    opt = engine.get_optimizer(Net(), "SGD", 0.02, 0.8)
+    opt = utils.get_optimizer(Net(), "SGD", 0.02, 0.8)
     assert isinstance(opt, torch.optim.SGD)
     assert opt.param_groups[0]["lr"] == 0.02 and opt.param_groups[0]["momentum"] == 0.8
-    assert isinstance(engine.get_optimizer(Net(), "Adam", 1e-3, 0), torch.optim.Adam)
+    adam = utils.get_optimizer(Net(), "Adam", 1e-3, 0.5)
+    assert isinstance(adam, torch.optim.Adam) and adam.param_groups[0]["betas"] == (0.5, 0.999)  # momentum: beta1
     with pytest.raises(ValueError, match="SGD, Adam"):
-        engine.get_optimizer(Net(), "RMSprop", 0.1, 0.9)
+        utils.get_optimizer(Net(), "RMSprop", 0.1, 0.9)
+    with pytest.raises(ValueError, match="Nesterov momentum is SGD's"):
+        utils.get_optimizer(Net(), "AdamW", 1e-3, 0.9, 0.0, True)
 
 
 def test_get_scheduler_verbose_prints_the_change(capsys):
-    opt = engine.get_optimizer(Net(), "SGD", 0.01, 0.9)
-    sched = engine.get_scheduler(opt, 2, 0.1, True)  # the original's call shape, verbose included
+    opt = utils.get_optimizer(Net(), "SGD", 0.01, 0.9)
+    sched = utils.get_scheduler(opt, 2, 0.1, True)  # the original's call shape, verbose included
     for _ in range(2):
         opt.step()
         sched.step()
     assert opt.param_groups[0]["lr"] == pytest.approx(0.001)
     assert "Adjusting learning rate of group 0 to 1.0000e-03." in capsys.readouterr().out
     with pytest.raises(ValueError, match="StepLR, OneCycleLR"):
-        engine.get_scheduler(opt, name="cosine")
+        utils.get_scheduler(opt, name="cosine")
 
 
 def test_get_loss():
-    assert engine.get_loss("nll_loss") is F.nll_loss
+    assert utils.get_loss("nll_loss") is F.nll_loss
     with pytest.raises(ValueError, match="nll_loss, cross_entropy"):
-        engine.get_loss("mse")
+        utils.get_loss("mse")
+    with pytest.raises(ValueError, match="label_smoothing: 1.0 is out of range"):
+        utils.get_loss("nll_loss", 1.0)  # the recipe refuses it too: one check
 
 
-def test_onecycle_is_stepped_per_batch_by_fit():
+def test_onecycle_is_stepped_per_batch():
     torch.manual_seed(0)
     model = Net()
-    x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
-    batches = [(x[i:i + 4], y[i:i + 4]) for i in range(0, 16, 4)]  # any iterable of batches will do
+    x, y = torch.randn(24, 1, 28, 28), torch.randint(0, 10, (24,))
+    batches = [(x[i:i + 4], y[i:i + 4]) for i in range(0, 24, 4)]  # any iterable of batches will do
     recipe = config.get_recipe("fast", epochs=2)
-    opt, sched, crit = engine.build_training(model, recipe, len(batches))
-    hist = engine.fit(model, torch.device("cpu"), batches, batches, opt, sched, crit, 2, progress=False)
-    assert sched.last_epoch == 8 and hist["epoch"] == [1, 2]
+    opt, sched, crit = optim.build_training(model, recipe, len(batches))
+    hist = fit(model, batches, opt, sched, 2)
+    assert sched.last_epoch == 12 and len(hist["train_loss"]) == 2
     assert hist["lr"][0] == pytest.approx(recipe.lr / 25)  # OneCycleLR starts at max_lr / div_factor
-    ref_opt, ref_sched, _ = engine.build_training(Net(), recipe, len(batches))
+    ref_opt, ref_sched, _ = optim.build_training(Net(), recipe, len(batches))
     for _ in batches:
         ref_opt.step()
         ref_sched.step()
-    assert hist["lr"][1] == pytest.approx(ref_opt.param_groups[0]["lr"])  # epoch 2 starts 4 batch-steps in
+    assert hist["lr"][1] == pytest.approx(ref_opt.param_groups[0]["lr"])  # epoch 2 starts 6 batch-steps in
 
 
 def test_train_and_test_append_true_means(capsys):
@@ -83,8 +104,8 @@ def test_diverging_loss_raises():
     model = Net()
     x = torch.randn(8, 1, 28, 28) * 1e3
     batches = [(x, torch.randint(0, 10, (8,)))] * 5
-    opt = engine.get_optimizer(model, "SGD", 1e6, 0.9)
-    with pytest.raises(engine.TrainingDivergedError, match="lower the learning rate"):
+    opt = utils.get_optimizer(model, "SGD", 1e6, 0.9)
+    with pytest.raises(utils.TrainingDivergedError, match="lower the learning rate"):
         utils.train(model, torch.device("cpu"), batches, opt, F.nll_loss, [], [], progress=False)
 
 
@@ -98,18 +119,20 @@ def test_one_real_epoch_reaches_95_percent(mnist_root):
     test_loader = get_MNISTdataset_with_loader("test", {"batch_size": 1000}, data_dir=mnist_root,
                                                      device=device)
     assert len(train_loader.dataset) == 60_000
-    opt = engine.get_optimizer(model, "SGD", 0.01, 0.9)
-    sched = engine.get_scheduler(opt, 15, 0.1)
-    hist = engine.fit(model, device, train_loader, test_loader, opt, sched, engine.get_loss("nll_loss"), 1,
-                     amp_dtype=amp_dtype_for(device), progress=False)
-    assert hist["test_acc"][0] >= 95.0
+    opt = utils.get_optimizer(model, "SGD", 0.01, 0.9)
+    train_losses, train_acc, test_losses, test_acc = [], [], [], []
+    utils.train(model, device, train_loader, opt, utils.get_loss("nll_loss"), train_losses, train_acc,
+                amp_dtype=amp_dtype_for(device), progress=False)
+    utils.test(model, device, test_loader, F.nll_loss, test_losses, test_acc, amp_dtype=amp_dtype_for(device),
+               progress=False)
+    assert test_acc[0] >= 95.0
 
 
 def test_one_cycle_with_too_few_steps_is_refused():
-    opt = engine.get_optimizer(Net(), "SGD", 0.01, 0.9)
+    opt = utils.get_optimizer(Net(), "SGD", 0.01, 0.9)
     with pytest.raises(ValueError, match="needs at least 5 optimizer steps.*has 4"):
-        engine.get_scheduler(opt, name="OneCycleLR", max_lr=0.1, total_steps=4)
-    engine.get_scheduler(opt, name="OneCycleLR", max_lr=0.1, total_steps=5)
+        utils.get_scheduler(opt, name="OneCycleLR", max_lr=0.1, total_steps=4)
+    utils.get_scheduler(opt, name="OneCycleLR", max_lr=0.1, total_steps=5)
 
 
 def test_loops_take_devices_as_pytorch_does():
@@ -118,38 +141,23 @@ def test_loops_take_devices_as_pytorch_does():
     model = Net()
     x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
     batches = [(x[:4], y[:4]), (x[4:], y[4:])]
-    opt = engine.get_optimizer(model, "SGD", 0.01, 0.9)
+    opt = utils.get_optimizer(model, "SGD", 0.01, 0.9)
     for device in ("cpu", torch.device("cpu")):
         train_losses, train_acc, test_losses, test_acc = [], [], [], []
         utils.train(model, device, batches, opt, F.nll_loss, train_losses, train_acc, progress=False)
         utils.test(model, device, batches, F.nll_loss, test_losses, test_acc, progress=False)
         assert len(train_losses) == len(test_acc) == 1
-    hist = engine.fit(model, "cpu", batches, batches, opt, None, F.nll_loss, 1, progress=False)
-    assert hist["epoch"] == [1] and len(hist["elapsed_seconds"]) == 1
-    for bad in (0, -1, "3"):
-        with pytest.raises(ValueError, match=f"epochs={bad!r}: give a positive whole number"):
-            engine.fit(model, "cpu", batches, batches, opt, None, F.nll_loss, bad, progress=False)
     with pytest.raises(ValueError, match="unknown device 'gpu0'"):
-        utils.train(model, "gpu0", batches, opt, F.nll_loss, [], [], progress=False)
+        utils.test(model, "gpu0", batches, F.nll_loss, [], [], progress=False)
 
 
 def test_empty_loaders_are_one_line_errors():
     model = Net()
-    opt = engine.get_optimizer(model, "SGD", 0.01, 0.9)
+    opt = utils.get_optimizer(model, "SGD", 0.01, 0.9)
     with pytest.raises(ValueError, match="gave no batches"):
         utils.train(model, "cpu", [], opt, F.nll_loss, [], [], progress=False)
     with pytest.raises(ValueError, match="gave no batches"):
         utils.test(model, "cpu", [], F.nll_loss, [], [], progress=False)
-
-
-def test_history_from_an_old_checkpoint_is_read_back():
-    old = {"epoch": [1], "lr": [0.01], "train_losses": [0.5], "train_acc": [90.0], "test_losses": [0.2],
-           "test_acc": [97.0], "train_seconds": [40.0], "elapsed_seconds": [45.0]}
-    history = engine.new_history(old)
-    assert history["train_loss"] == [0.5] and history["test_loss"] == [0.2]
-    assert set(history) == {*engine.EPOCH_RECORD, *engine.STEP_RECORD} and history["step_epoch"] == []
-    with pytest.raises(ValueError, match="one value of each metric per epoch"):
-        engine.new_history({**old, "test_acc": []})
 
 
 def test_train_records_a_step_row_every_refresh():
@@ -157,8 +165,8 @@ def test_train_records_a_step_row_every_refresh():
     model = Net()
     x, y = torch.randn(25 * 4, 1, 28, 28), torch.randint(0, 10, (25 * 4,))
     batches = [(x[i:i + 4], y[i:i + 4]) for i in range(0, 100, 4)]  # 25 batches: rows after 10, 20 and 25
-    opt = engine.get_optimizer(model, "SGD", 0.01, 0.9)
-    history = engine.new_history()
+    opt = utils.get_optimizer(model, "SGD", 0.01, 0.9)
+    history = utils.new_history()
     for _ in range(2):
         utils.train(model, "cpu", batches, opt, F.nll_loss, history["train_loss"], history["train_acc"],
                      steps=history, progress=False)
@@ -170,27 +178,6 @@ def test_train_records_a_step_row_every_refresh():
     assert all(0 <= a <= 100 for a in history["step_train_acc"])
 
 
-def _tiny_batches(n=16, size=4):
-    torch.manual_seed(0)
-    x, y = torch.randn(n, 1, 28, 28), torch.randint(0, 10, (n,))
-    return [(x[i:i + size], y[i:i + size]) for i in range(0, n, size)]
-
-
-def test_fit_steps_every_kind_of_scheduler_as_it_expects():
-    """ReduceLROnPlateau needs the loss (it was a TypeError after a whole epoch); CyclicLR moves every batch (it was
-    stepped once an epoch, silently)."""
-    batches = _tiny_batches()
-    model = Net()
-    opt = engine.get_optimizer(model, "SGD", 0.1, 0.9)
-    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=0, threshold=10.0)
-    engine.fit(model, "cpu", batches, batches, opt, plateau, F.nll_loss, 2, progress=False)
-    assert opt.param_groups[0]["lr"] == pytest.approx(0.025)  # no 10x improvement after either epoch: halved twice
-    cyclic = torch.optim.lr_scheduler.CyclicLR(opt, 0.01, 0.1, step_size_up=2)
-    assert engine.steps_per_batch(cyclic)
-    engine.fit(model, "cpu", batches, batches, opt, cyclic, F.nll_loss, 1, progress=False)
-    assert cyclic.last_epoch == len(batches)  # once a batch
-
-
 def test_evaluation_of_empty_batches_is_a_one_line_error():
     empty = [(torch.zeros(0, 1, 28, 28), torch.zeros(0, dtype=torch.int64))]
     with pytest.raises(ValueError, match="gave no images"):
@@ -198,12 +185,30 @@ def test_evaluation_of_empty_batches_is_a_one_line_error():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"step_size": 0}, "step_size=0"), ({"name": "OneCycleLR", "max_lr": 0.1, "total_steps": 100, "pct_start": 0},
-                                         "pct_start=0"),
-    ({"name": "OneCycleLR", "max_lr": 0.1, "total_steps": 100, "pct_start": 1.5}, "pct_start=1.5"),
-    ({"name": "OneCycleLR", "max_lr": 0.1, "total_steps": 100, "pct_start": 1.0}, "pct_start=1.0"),
+    ({"step_size": 0}, "step_size: 0 is out of range"),
+    ({"name": "OneCycleLR", "max_lr": 0.1, "total_steps": 100, "pct_start": 0}, "pct_start: 0 is out of range"),
+    ({"name": "OneCycleLR", "max_lr": 0.1, "total_steps": 100, "pct_start": 1.5}, "pct_start: 1.5 is out of range"),
+    ({"name": "OneCycleLR", "max_lr": 0.1, "total_steps": 100, "pct_start": 1.0}, "pct_start: 1.0 is out of range"),
+    ({"name": "OneCycleLR", "max_lr": 0.1, "total_steps": 0}, "total_steps: 0 is out of range"),
 ])
 def test_get_scheduler_refuses_impossible_values(kwargs, match):
-    opt = engine.get_optimizer(Net(), "SGD", 0.01, 0.9)
+    opt = utils.get_optimizer(Net(), "SGD", 0.01, 0.9)
     with pytest.raises(ValueError, match=match):
-        engine.get_scheduler(opt, **kwargs)
+        utils.get_scheduler(opt, **kwargs)
+
+
+def test_the_step_is_the_textbook_step():
+    """One Step equals zero_grad, forward, loss, backward, optimizer step, written out by hand."""
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    a, b = Net(), Net()
+    b.load_state_dict(a.state_dict())
+    opt_a, opt_b = (torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (a, b))
+    for _ in range(2):
+        output, loss = loop.Step(a, opt_a, F.nll_loss)(x, y)
+        opt_b.zero_grad()
+        F.nll_loss(b(x), y).backward()
+        opt_b.step()
+    assert not loss.requires_grad and output.shape == (8, 10)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)
