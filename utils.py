@@ -25,8 +25,14 @@ from s5.loop import Step, TrainingDivergedError, evaluate, new_history, train_ep
 from s5.mnist import MNIST_MD5 as _MNIST_MD5
 from s5.mnist import MNISTDataError, ensure_mnist, load_split
 from s5.optim import build_training, steps_per_batch
-from s5.plots import (plot_confusion_matrix, plot_misclassified, plot_predictions, plot_training, post_accuracyplots,
-                      post_display)
+from s5.plots import (
+    plot_confusion_matrix,
+    plot_misclassified,
+    plot_predictions,
+    plot_training,
+    post_accuracyplots,
+    post_display,
+)
 from s5.receptive_field import receptive_field
 from s5.run import Run
 from s5.tensorboard import TensorBoardLog

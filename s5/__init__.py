@@ -1,21 +1,16 @@
-"""The implementation behind `utils.py`, one module a subject.
+"""The implementation behind `utils.py` and the entry points, one module a subject.
 
-    config           a run's configuration (recipes included): resolved, checked once, saved whole
-    mnist            the MNIST files: fetch, verify, parse
-    data             transforms, the classic and the fast loader
+    config           every setting defined once (type, range, help): recipes and a run's configuration
+    errors           the one kind of user error: one line, an exit code
+    mnist, data      the MNIST files (fetch, verify, parse); transforms, the classic and the fast loader
     device           device, precision, seeds, CPU memory reuse
-    engine           optimizer, scheduler, loss, one training epoch, one evaluation, the epoch loop `fit`
-    run              one training run from its configuration: folder, data, model, fit, outputs
-    evaluation       model outputs over a loader, confusion matrix, worst mistakes
-    receptive_field  how far each layer sees, derived from a forward pass
-    files            atomic writes and run folders
-    checkpoints      save, safe load, exact resume
-    plots            sample grid, curves, confusion matrix, mistakes, predictions
-    digits           your own images, preprocessed the way MNIST was made
-    distributed      torchrun's processes: their context, the group, sums across processes
-    demo             the draw-a-digit page (Gradio)
-    cli              what the command-line entry points share: argument types, errors, exit codes
+    optim, loop      a recipe's optimizer, schedule and loss; the step, the epoch, the evaluation
+    run, callbacks   one run's state and its epoch loop; what it writes after each epoch and at the end
+    checkpoints      save, safe load, exact resume; files: atomic writes and run folders
+    evaluation       model outputs over a loader, test-time shifts, confusion matrix, worst mistakes
+    plots, receptive_field, tensorboard   the figures; how far each layer sees; TensorBoard logs
+    digits, demo, export    your own images; the draw-a-digit page (Gradio); the Net as ONNX
+    distributed, sweep, cli torchrun's processes; a recipe over seeds; what the entry points share
 
-Imports point down only: nothing here imports `utils.py` or an entry point, and `model.py` imports nothing of
-ours.
+Imports point down only: nothing here imports `utils.py` or an entry point; `model.py` imports nothing of ours.
 """

@@ -129,6 +129,7 @@ class Curves(Callback):
 
 def write_figure(run, name, fig):
     import matplotlib.pyplot as plt
+
     from s5 import plots
     try:
         run.run_dir.write(name, plots.png_bytes(fig))

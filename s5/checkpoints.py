@@ -8,6 +8,7 @@ anything is written.
 """
 
 import io
+import math
 import random
 import zipfile
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from s5.config import ConfigError, RunConfig
+from s5.config import ConfigError, Field, RunConfig
 from s5.errors import UserError
 from s5.files import atomic_write
 from s5.loop import STEP_COLUMNS, new_history
@@ -58,19 +59,6 @@ def _unwrapped(model):
     return model
 
 
-def _plain(value):
-    """numpy scalars and arrays as Python numbers and lists, so weights_only loading reads back what was saved."""
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_plain(v) for v in value)
-    return value
-
-
 def checkpoint_bytes(run, epoch):
     """A run's checkpoint after `epoch`, as bytes: everything needed to resume it exactly."""
     state = {
@@ -80,7 +68,7 @@ def checkpoint_bytes(run, epoch):
         "optimizer": run.optimizer.state_dict(),
         "scheduler": run.scheduler.state_dict(),
         "epoch": int(epoch),
-        "history": _plain(run.history),
+        "history": run.history,
         "rng": rng_state(),
         "config": run.config.to_dict(),
         "run_id": run.run_dir.run_id,
@@ -162,10 +150,10 @@ class Resumable(NamedTuple):
 
 
 def read_resumable(path, model):
-    """Load `path` into `model` and check every field a resume uses, before anything is written.
+    """Load `path` into `model` and check every field a resume uses, before anything is claimed or written.
 
-    Returns a Resumable. CheckpointError for weights only, missing keys, or values of the wrong type or range
-    (a configuration that could not have been run, an epoch count that disagrees with the history, ...).
+    Returns a Resumable. CheckpointError for weights only, an earlier version's file, missing keys, or values of
+    the wrong type or range (a configuration that could not have been run, a history that disagrees with itself).
     """
     state = load_checkpoint(path, model)
     if state.get("config") is None:
@@ -178,39 +166,32 @@ def read_resumable(path, model):
         raise CheckpointError(f"{path} cannot be resumed: it lacks {', '.join(missing)}; give the run's last.pt")
     try:
         config = RunConfig.from_dict(state["config"])
+        epoch = Field(int, 0, config.epochs).check("epoch", state["epoch"])
+        history = _checked_history(state["history"], config.evaluated_on, epoch)
+        run_id = Field(str).check("run_id", state.get("run_id"))
     except ConfigError as e:
-        raise CheckpointError(f"{path} holds an impossible configuration ({e}): it was not written by a run of "
-                              "this repo or is damaged; use another checkpoint") from None
-    epoch = state["epoch"]
-    if isinstance(epoch, bool) or not isinstance(epoch, int) or not 0 <= epoch <= config.epochs:
-        raise CheckpointError(f"{path} says {epoch!r} epochs are done, not 0 to {config.epochs}: it is damaged; "
-                              "use another checkpoint")
-    history = state["history"]
-    if not _history_ok(history, config.evaluated_on):
-        raise CheckpointError(f"{path} holds a damaged history (not a list of numbers for every column of "
-                              "metrics.csv and steps.csv, one a row): use another checkpoint")
-    if history["epoch"] != list(range(1, epoch + 1)):
-        raise CheckpointError(f"{path} holds a history of epochs {history['epoch'][:5]} that does not match its "
-                              f"{epoch} epochs done: it is damaged; use another checkpoint")
-    if not _rng_state_ok(state["rng"]):
-        raise CheckpointError(f"{path} holds damaged random-number states: use another checkpoint")
-    run_id = state.get("run_id")
-    if not isinstance(run_id, str) or not run_id.isalnum():
-        raise CheckpointError(f"{path} holds an impossible run id {run_id!r}: it is damaged")
+        raise CheckpointError(f"{path} holds an impossible {e}: it is damaged or not a run of this repo; use "
+                              "another checkpoint") from None
+    if not run_id.isalnum() or not _rng_state_ok(state["rng"]):
+        raise CheckpointError(f"{path} holds a damaged {'run id' if not run_id.isalnum() else 'random-number state'}"
+                              ": use another checkpoint")
     return Resumable(Path(path), state, config, history, epoch, run_id)
 
 
-def _history_ok(history, evaluated_on):
-    """Whether `history` holds exactly a run's columns, each a list of numbers, as long as the others of its file."""
-    empty = new_history(evaluated_on)
-    if not isinstance(history, dict) or set(history) != set(empty):
-        return False
-    if not all(isinstance(v, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
-               for v in history.values()):
-        return False
-    epoch_keys, step_keys = set(empty) - set(STEP_COLUMNS), STEP_COLUMNS
-    return len({len(history[k]) for k in epoch_keys}) == 1 and len({len(history[k]) for k in step_keys}) == 1 and \
-        all(isinstance(e, int) for e in history["epoch"])
+def _checked_history(history, evaluated_on, epochs):
+    """`history` if it holds exactly a run's columns, each a list of finite numbers, a row for each of `epochs`."""
+    columns = new_history(evaluated_on)
+    if not isinstance(history, dict) or set(history) != set(columns):
+        raise ConfigError("history", "not the columns of metrics.csv and steps.csv")
+    number, epoch = Field(float, -math.inf), Field(int, 1)
+    for key, values in history.items():
+        for value in Field(list).check(key, values):
+            (epoch if key == "epoch" else number).check(key, value)
+    if history["epoch"] != list(range(1, epochs + 1)) or \
+            len({len(history[k]) for k in set(columns) - set(STEP_COLUMNS)}) != 1 or \
+            len({len(history[k]) for k in STEP_COLUMNS}) != 1:
+        raise ConfigError("history", f"its rows do not match its {epochs} epochs done")
+    return history
 
 
 def _rng_state_ok(state):

@@ -28,12 +28,9 @@ def typed(name, field):
     """An argparse type for `field`: the text parsed as its kind, then checked by it (argparse names the flag)."""
     def parse(text):
         try:
-            return field.check(name, field.kind(text))
-        except ConfigError:  # parsed, so out of range: said with the text as typed
-            raise argparse.ArgumentTypeError(f"{text} is out of range: give {field.allowed()}") from None
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"{text!r} is not {'a whole number' if field.kind is int else 'a number'}") from None
+            return field.parse(name, text)
+        except ConfigError as e:
+            raise argparse.ArgumentTypeError(e.reason) from None
     parse.__name__ = field.kind.__name__
     return parse
 

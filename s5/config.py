@@ -35,8 +35,8 @@ class Field:
         """What the setting takes, in words: "1 to 60000", "a number above 0", "one of SGD, Adam, AdamW"."""
         if self.choices:
             return "one of " + ", ".join(map(str, self.choices))
-        if self.kind in (bool, str):
-            return "true or false" if self.kind is bool else "a non-empty name"
+        if self.kind not in (int, float):
+            return {bool: "true or false", str: "a non-empty name"}.get(self.kind, f"a {self.kind.__name__}")
         if self.kind is int:
             return f"{self.low} or more" if self.high is None else f"{self.low} to {self.high}"
         low = f"{'above' if self.above else 'at least'} {self.low:g}"
@@ -49,19 +49,38 @@ class Field:
             return value
         if self.choices:
             if value not in self.choices:
-                raise ConfigError(name, f"{value!r} is not {self.allowed()}")
+                raise ConfigError(name, f"{_shown(value)} is not {self.allowed()}")
             return value
         numeric = self.kind in (int, float)
         if numeric:
             ok = not isinstance(value, bool) and isinstance(value, int if self.kind is int else (int, float))
         else:
-            ok = isinstance(value, self.kind) and (self.kind is bool or (value != "" and "\0" not in value))
+            ok = isinstance(value, self.kind) and (self.kind is not str or (value != "" and "\0" not in value))
         if not ok:
-            raise ConfigError(name, f"{value!r} is not {'a whole number' if self.kind is int else self.allowed()}")
+            what = "a whole number" if self.kind is int else self.allowed()
+            raise ConfigError(name, f"{_shown(value)} is not {what}")
         if numeric and not (math.isfinite(value) and (value > self.low if self.above else value >= self.low) and
                             (self.high is None or (value < self.high if self.below else value <= self.high))):
             raise ConfigError(name, f"{value!r} is out of range: give {self.allowed()}")
         return value
+
+    def parse(self, name, text):
+        """`text` (a flag's, an environment variable's) as this number field's value, checked; an error quotes
+        the text as it was typed."""
+        try:
+            value = self.kind(text)
+        except ValueError:
+            raise ConfigError(name, f"{text!r} is not {'a whole number' if self.kind is int else 'a number'}") \
+                from None
+        try:
+            return self.check(name, value)
+        except ConfigError:
+            raise ConfigError(name, f"{text} is out of range: give {self.allowed()}") from None
+
+
+def _shown(value):
+    text = repr(value)  # a crafted file's value may be huge: the error stays one short line
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 OPTIMIZERS, SCHEDULERS, LOADERS = ("SGD", "Adam", "AdamW"), ("StepLR", "OneCycleLR"), ("fast", "classic")
@@ -154,7 +173,8 @@ class Recipe:
     def __post_init__(self):
         _check_fields(self)
         if self.nesterov and self.optimizer != "SGD":
-            raise ConfigError("nesterov", f"Nesterov momentum is SGD's, not {self.optimizer}'s: use SGD, or leave it off")
+            raise ConfigError("nesterov", f"Nesterov momentum is SGD's, not {self.optimizer}'s: use SGD, or leave "
+                                          "it off")
 
     def warmup_steps(self, steps_per_epoch):
         """Optimizer steps before the learning rate peaks: one-cycle's warm-up; none for a step schedule."""

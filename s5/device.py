@@ -1,7 +1,4 @@
-"""Where and how a run computes: the device, the precision, the seeds, and CPU memory reuse.
-
-Nothing here runs by itself: the entry points and the notebook choose what to switch on.
-"""
+"""Where and how a run computes: the device, the precision, the seeds, CPU memory reuse (each the caller's choice)."""
 
 import contextlib
 import ctypes
@@ -17,18 +14,15 @@ from s5.errors import ConfigError
 
 def cpu_name():
     """The processor's model name (from /proc/cpuinfo on Linux), to print beside every timing."""
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine()
 
 
 def as_device(device):
-    """A torch.device from what PyTorch code passes: a torch.device, "cpu", "cuda", "cuda:1"; ConfigError otherwise."""
-    if isinstance(device, torch.device):
-        return device
+    """A torch.device from a torch.device, "cpu", "cuda", "cuda:1", ...; ConfigError for anything else."""
     try:
         return torch.device(device)
     except (RuntimeError, TypeError):
@@ -36,50 +30,32 @@ def as_device(device):
 
 
 def accelerator():
-    """This machine's accelerator type as PyTorch sees it ("cuda", "mps", "xpu", ...), or None: torch.accelerator,
-    which knows every backend, so a new one needs no change here."""
-    found = torch.accelerator.current_accelerator(check_available=True)
-    return found.type if found is not None else None
-
-
-def machine_devices():
-    """What `get_device` can give here, in words: "cpu", or e.g. "cpu and 2 cuda devices (cuda:0 to cuda:1)"."""
-    kind = accelerator()
-    if kind is None:
-        return "cpu only"
-    count = torch.accelerator.device_count()
-    return f"cpu and {count} {kind} device{'s' if count != 1 else ''} ({kind}:0 to {kind}:{count - 1})" \
-        if count > 1 else f"cpu and one {kind} device ({kind})"
+    """This machine's accelerator type ("cuda", "mps", "xpu", ...) or None, as torch.accelerator sees it."""
+    return getattr(torch.accelerator.current_accelerator(check_available=True), "type", None)
 
 
 def get_device(name=None):
-    """The device to run on: for None or "auto" the machine's accelerator (CUDA, MPS, XPU, ... through
-    torch.accelerator) when there is one, else the CPU; otherwise `name` ("cpu", "cuda:1", "mps", ...) checked.
-
-    Raises ConfigError with a one-line fix, naming what the machine has, for a device it does not have.
-    """
+    """The device to run on: for None or "auto" the machine's accelerator when there is one, else the CPU; otherwise
+    `name` ("cpu", "cuda:1", "mps", ...), checked: ConfigError naming what the machine has for one it does not."""
     if name is None or name == "auto":
-        kind = accelerator()
-        return torch.device(kind if kind is not None else "cpu")
+        return torch.device(accelerator() or "cpu")
     device = as_device(name)
     if device.type == "cpu":
         return device
     kind = accelerator()
-    if device.type != kind:
-        raise ConfigError("device", f"{name!r} asked for, but this machine has {machine_devices()}: use "
-                                    f"{kind or 'cpu'} or auto")
-    if (device.index or 0) >= torch.accelerator.device_count():
-        raise ConfigError("device", f"{name!r} asked for, but this machine has {machine_devices()}: use one of "
-                                    "those")
-    return device
+    count = torch.accelerator.device_count() if kind else 0
+    if device.type == kind and (device.index or 0) < count:
+        return device
+    has = (f"cpu and {count} {kind} devices ({kind}:0 to {kind}:{count - 1})" if count > 1 else
+           f"cpu and one {kind} device ({kind})" if kind else "cpu only")
+    use = "one of those" if device.type == kind else f"{kind or 'cpu'} or auto"
+    raise ConfigError("device", f"{name!r} asked for, but this machine has {has}: use {use}")
 
 
 def channels_last_for(device, channels_last=None):
     """Whether to lay the model out channels_last on `device`: measured faster on CPUs (oneDNN) and CUDA GPUs
-    (README: Speed); left off elsewhere (MPS, XPU, ...), unmeasured. True/False force it."""
-    if channels_last is not None:
-        return channels_last
-    return as_device(device).type in ("cpu", "cuda")
+    (README: Speed), unmeasured elsewhere (MPS, XPU, ...). True/False force it."""
+    return as_device(device).type in ("cpu", "cuda") if channels_last is None else channels_last
 
 
 def pins_memory(device):
@@ -92,34 +68,21 @@ _freed_memory_kept = False
 
 
 def keep_freed_memory():
-    """Make glibc keep freed memory for reuse, so each CPU training step reuses the last one's buffers.
-
-    A training step frees and re-allocates activation buffers of tens of MB. glibc serves blocks that big
-    with fresh mmap()ed pages and unmaps them on free, so every step pays a page fault per 4 KB touched
-    (docs/speed.md's bench table measures what that costs). With mmap and heap trimming off, freed blocks are
-    reused. The cost: the process keeps its peak memory until it exits, and the setting cannot be undone,
-    so it is the caller's choice (runs, the benchmark and the notebook make it on the CPU). Only on Linux
-    with glibc; returns whether the settings are in effect.
-    """
+    """Make glibc keep freed memory, so each CPU training step reuses the last one's buffers instead of faulting in
+    fresh pages (docs/speed.md); returns whether it does (Linux, glibc). Peak memory is kept: the caller's choice."""
     global _freed_memory_kept
-    if _freed_memory_kept:
-        return True
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    libc = ctypes.CDLL("libc.so.6")
-    _freed_memory_kept = bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30))
+    if not _freed_memory_kept and platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        libc = ctypes.CDLL("libc.so.6")
+        _freed_memory_kept = bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30))
     return _freed_memory_kept
 
 
 def set_seed(seed, deterministic=False):
-    """Seed python, numpy, torch and CUDA; with deterministic=True also force deterministic algorithms.
-
-    (cuDNN's benchmark mode, which picks convolution algorithms by timing them, is left to the caller,
-    except that deterministic=True turns it off, as determinism requires.)
-    """
+    """Seed python, numpy, torch and every CUDA device; deterministic=True also forces deterministic algorithms and
+    turns cuDNN's benchmark mode off (otherwise left to the caller)."""
     random.seed(seed)
     np.random.seed(seed)
-    torch.manual_seed(seed)  # seeds every CUDA device too
+    torch.manual_seed(seed)
     torch.use_deterministic_algorithms(deterministic, warn_only=False)
     torch.backends.cudnn.deterministic = deterministic
     if deterministic:
@@ -129,27 +92,18 @@ def set_seed(seed, deterministic=False):
 
 
 def amp_dtype_for(device, amp=None):
-    """The autocast dtype to train with on `device`, or None for full fp32.
-
-    amp=None decides by hardware: bf16 on CPUs with native bf16 instructions (AVX512-BF16/AMX), plain fp32
-    on other CPUs, where bf16 is emulated and slower. On CUDA GPUs from Ampere on (compute capability 8.0+)
-    fp32, whose convolutions already run on TF32 tensor cores: for a net this small autocast's extra casts
-    cost more than bf16 saves (measured: docs/speed.md, GPU); fp16 with a GradScaler on older GPUs. Other
-    accelerators (MPS, XPU, ...) train fp32 unless asked: unmeasured here. amp=False forces fp32; amp=True
-    forces mixed precision (bf16 where the GPU has it, else fp16; fp16 on MPS, bf16 elsewhere).
-    """
+    """The autocast dtype to train with on `device`, or None for fp32. amp=None decides by hardware: bf16 on CPUs with
+    native bf16 (AVX512-BF16/AMX), else fp32 (emulated bf16 is slower); on CUDA fp32 from Ampere (8.0) on (TF32
+    convolutions beat autocast's casts for a net this small: docs/speed.md), else fp16 (with a GradScaler); fp32 on
+    other accelerators (unmeasured). amp=False forces fp32, amp=True bf16 (fp16 on MPS and GPUs without bf16)."""
     device = as_device(device)
-    if amp is False:
+    if amp is False or amp is None and device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0):
         return None
     if device.type == "cuda":
-        if amp is None and torch.cuda.get_device_capability(device) >= (8, 0):
-            return None
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if device.type == "cpu":
         return torch.bfloat16 if amp or torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
-    if amp:
-        return torch.float16 if device.type == "mps" else torch.bfloat16
-    return None
+    return (torch.float16 if device.type == "mps" else torch.bfloat16) if amp else None
 
 
 CPU_OUT_OF_MEMORY = "DefaultCPUAllocator: can't allocate memory"
@@ -157,8 +111,7 @@ CPU_OUT_OF_MEMORY = "DefaultCPUAllocator: can't allocate memory"
 
 @contextlib.contextmanager
 def out_of_memory_typed():
-    """Within the block, the CPU allocator's failure is raised as torch.OutOfMemoryError, the type a GPU's has: the
-    allocator raises a plain RuntimeError (c10's enforce), whose message is its only sign."""
+    """Within the block, the CPU allocator's failure (a plain RuntimeError) is a torch.OutOfMemoryError, as a GPU's."""
     try:
         yield
     except RuntimeError as e:

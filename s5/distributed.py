@@ -1,10 +1,8 @@
-"""Data-parallel training on N processes with torch.distributed, as `torchrun` launches it.
+"""Data-parallel training on the N processes `torchrun` starts: their context, the group, sums across them.
 
-A plain run is one process with no process group; torchrun starts N of them, and `setup()`
-joins them: NCCL with one GPU per local rank on CUDA, gloo on CPUs. The model is wrapped in
-DistributedDataParallel by the caller; the loaders shard each global batch (s5.data), and the loops add up
-their counts across processes with `all_sum`, so every rank sees the same global figures and takes the same
-decisions (a NaN stops every rank at the same step, never one alone).
+`setup()` joins the group (NCCL with one GPU a local rank, gloo on CPUs); the run wraps its model in DDP, the
+loaders shard each global batch (s5.data), and the loop adds its counts over processes with `all_sum`, so every
+rank sees the same figures and takes the same decisions (a NaN stops every rank at the same step).
 """
 
 import contextlib
@@ -16,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from s5.config import Field
-from s5.errors import EXIT_FAILED, ConfigError, UserError
+from s5.errors import EXIT_FAILED, ConfigError, UserError, first_line
 
 TIMEOUT = timedelta(minutes=5)  # a rank that stops answering ends the group instead of hanging it for 30 min
 
@@ -40,10 +38,6 @@ class Context:
 SINGLE = Context()  # one process, no group
 
 
-def launched_by_torchrun():
-    return "RANK" in os.environ or "WORLD_SIZE" in os.environ
-
-
 class LaunchError(UserError, ValueError):
     """The torchrun environment variables are missing, inconsistent, or the group could not form; says which."""
 
@@ -63,17 +57,15 @@ def _env_number(name, field, default=None, fix="start the processes with torchru
                               "MASTER_ADDR and MASTER_PORT), or unset RANK and WORLD_SIZE to run one process")
         return default
     try:
-        return field.check(name, field.kind(text))
-    except ValueError as e:  # int("abc"), or the field's ConfigError
-        reason = e.reason if isinstance(e, ConfigError) else \
-            f"{text!r} is not {'a whole number' if field.kind is int else 'a number'}"
-        raise LaunchError(f"{name}={reason}: {fix}") from None
+        return field.parse(name, text)
+    except ConfigError as e:
+        raise LaunchError(f"{name}={e.reason}: {fix}") from None
 
 
 def context_from_env():
     """This process's Context from torchrun's variables, checked; Context() without them. LaunchError if wrong."""
-    if not launched_by_torchrun():
-        return Context()
+    if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
+        return SINGLE
     world_size = _env_number("WORLD_SIZE", Field(int, 1, 1 << 16))
     rank = _env_number("RANK", Field(int, 0, world_size - 1))
     local_rank = _env_number("LOCAL_RANK", Field(int, 0, world_size - 1), default=0)
@@ -94,12 +86,8 @@ def join_timeout():
 
 
 def setup(ctx, device):
-    """Join the process group of `ctx` (from context_from_env) and pick this process's device.
-
-    Returns the device this process trains on: with a CUDA `device` the GPU of its LOCAL_RANK, with NCCL;
-    otherwise `device`, with gloo. Waits at most join_timeout() for every process to arrive, then LaunchError.
-    A single process (world size 1) forms no group.
-    """
+    """Join `ctx`'s group (none for one process) within join_timeout(), else LaunchError; returns the device this
+    process trains on: with a CUDA `device` the GPU of its LOCAL_RANK."""
     if not ctx.active:
         return device
     use_cuda = device.type == "cuda"
@@ -118,9 +106,8 @@ def setup(ctx, device):
             dist.init_process_group("nccl" if use_cuda else "gloo", store=store, rank=ctx.rank,
                                     world_size=ctx.world_size, timeout=TIMEOUT)
         except (RuntimeError, OSError, ValueError) as e:  # DistStoreError, DistNetworkError are RuntimeErrors
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
             raise LaunchError(f"process {ctx.rank} of {ctx.world_size} could not join the group at {addr}:{port} "
-                              f"within {wait.total_seconds():g} s ({reason}): start every process with "
+                              f"within {wait.total_seconds():g} s ({first_line(e)}): start every process with "
                               "torchrun, with the same MASTER_ADDR and MASTER_PORT") from None
     return torch.device("cuda", ctx.local_rank) if use_cuda else device
 
@@ -200,5 +187,4 @@ def group_errors(ctx):
     except dist.DistError as e:
         if not ctx.active:
             raise
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise GroupError(f"another process of the group stopped or stopped answering ({reason})") from e
+        raise GroupError(f"another process of the group stopped or stopped answering ({first_line(e)})") from e

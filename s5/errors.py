@@ -21,6 +21,11 @@ class UserError(Exception):
         return self.args[0]
 
 
+def first_line(error, limit=200):
+    """The first line of an exception's message (its type's name if it has none), for a one-line error."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:limit]
+
+
 class ConfigError(UserError, ValueError):
     """A setting's value is impossible; `field` names it (the CLI turns it into a flag), `reason` says why."""
 

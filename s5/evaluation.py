@@ -1,7 +1,8 @@
 """What a trained model does on a whole loader: its outputs, the confusion matrix, its worst mistakes.
 
-`predict_loader` is the one evaluation loop: `test` reports from it, and the confusion matrix and the mistakes
-are computed from its result, so one pass over the test set serves all three.
+`predict_loader` is the one evaluation loop: `s5.loop.evaluate` (every epoch's figures, and the classic `test`)
+sums its outputs, and the confusion matrix and the mistakes are computed from one pass that keeps the images.
+`ShiftAveraged` is test-time augmentation as a model wrapper.
 """
 
 import math

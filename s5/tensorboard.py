@@ -1,19 +1,11 @@
-"""TensorBoard logs of a run: its history's scalars and its figures, as event files in the run's folder.
+"""TensorBoard logs of a run (a callback of s5.callbacks, or by hand in a notebook): its history's scalars and its
+figures, as event files in the run's folder.
 
-`TensorBoardLog(folder, history)` is given the run's history after every epoch (`epoch(history)`: the whole
-s5.loop.new_history() dict) and writes only the points not yet written, so it can be handed the same growing dict
-each time. A resumed run constructs it with the history its checkpoint holds: those points are taken as written by
-the earlier session, and anything that session wrote after its checkpoint (it died between the two) is purged
-from what TensorBoard shows, so every point appears once.
-
-Every point's global step is in thousandths of an epoch (STEPS_PER_EPOCH): epoch E's scalars at E * 1000, a
-step row at round(step_epoch * 1000). The epoch and the step curves share one x-axis, and a resumed run goes on
-from where its checkpoint stopped instead of starting again at 0.
-
-Tags: epoch/train_loss, epoch/test_loss, epoch/train_acc, epoch/test_acc, epoch/lr; step/train_loss,
-step/train_acc, step/lr (a row every s5.loop.REFRESH_EVERY batches); figures/NAME. Values are stored as float32,
-TensorBoard's classic scalar. SummaryWriter needs the tensorboard package, which the core install leaves out
-(requirements-tensorboard.txt; `make tensorboard` installs it and serves runs/).
+`epoch(history)` writes the points of the growing history not yet written. A resumed run starts from the history
+its checkpoint holds, and what the earlier session wrote after that checkpoint is purged, so every point appears
+once. Global steps are thousandths of an epoch, so the epoch and the step curves share one x-axis. Tags:
+epoch/{train,test,val}_{loss,acc}, epoch/lr; step/train_loss, step/train_acc, step/lr; figures/NAME. It needs the
+tensorboard package, which the core install leaves out (requirements-tensorboard.txt; `make tensorboard`).
 """
 
 from s5.errors import UserError

@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
-SCRIPTS = ("train.py", "predict.py", "bench.py", "demo.py", "export.py")
+SCRIPTS = ("train.py", "predict.py", "bench.py", "sweep.py", "demo.py", "export.py")
 
 # What a run or a user makes, named in the docs but never in the repo.
 GENERATED = {"last.pt", "best.pt", "model.pt", "metrics.csv", "steps.csv", "final.json", "model.onnx",
@@ -234,7 +234,7 @@ python predict.py runs/x/best.pt digits/ --json
 ```
 
 `predict.py` takes `--epochs`; `s5/nonesuch.py` and `requirements-nonesuch.txt` are gone; `--bogus-inline` too.
-`make bench` and `s5/run.py`, `test_engine.py`, `runs/x/last.pt` and `metrics.csv` are fine.
+`make bench` and `s5/run.py`, `test_loop.py`, `runs/x/last.pt` and `metrics.csv` are fine.
 
 A paragraph naming no entry point: `--bogus-alone` is nobody's, `--port 80` is demo.py's.
 """
@@ -245,6 +245,6 @@ A paragraph naming no entry point: `--bogus-alone` is nobody's, `--port 80` is d
                   "--bogus-alone: no entry point has this flag"):
         assert wrong in problems, (wrong, problems)
     for fine in ("speed.md#gpu", "--commented-out", "--standalone", "--nproc_per_node", "--json", "--recipe",
-                 "--device", "make bench", "make train", "run.py", "test_engine", "last.pt", "metrics.csv", "--port"):
+                 "--device", "make bench", "make train", "run.py", "test_loop", "last.pt", "metrics.csv", "--port"):
         assert fine not in problems, (fine, problems)
     assert len(problems.splitlines()) == 11, problems

@@ -9,8 +9,6 @@ from s5.device import amp_dtype_for, set_seed
 from utils import get_MNISTdataset_with_loader
 
 
-
-
 def fit(model, batches, opt, sched, epochs, eval_batches=None):
     """The classic notebook's loop over utils.train/test: what a user writes around the core."""
     history = loop.new_history()

@@ -117,7 +117,7 @@ def test_accuracy_plot_redrawn_at_most_every_plot_every_s(tmp_path, mnist_root, 
     drawn = []
     real = plots.post_accuracyplots
     monkeypatch.setattr(plots, "post_accuracyplots", lambda *a, **k: drawn.append(len(a[0])) or real(*a, **k))
-    monkeypatch.setattr("s5.run.PLOT_EVERY_S", every_s)
+    monkeypatch.setattr("s5.callbacks.PLOT_EVERY_S", every_s)
     train.main(["--no-progress", "--recipe", "fast", "--train-subset", "512", "--batch-size", "64",
                 "--epochs", "3", "--data-dir", str(mnist_root), "--out", str(tmp_path / "run")])
     assert drawn == drawn_after  # the number of epochs each redraw showed
