@@ -15,7 +15,7 @@ from s5 import loop as _loop
 from s5 import optim as _optim
 from s5.checkpoints import CheckpointError, load_checkpoint, save_weights
 from s5.cli import show_logs as _show_logs
-from s5.config import RECIPES, ConfigError, Field, Recipe, RunConfig, check, get_recipe
+from s5.config import FIELDS, RECIPES, ConfigError, Field, Recipe, RunConfig, check, get_recipe
 from s5.data import MEAN, STD, FastMNISTLoader, get_test_transforms, get_train_transforms, make_loader
 from s5.demo import build_app
 from s5.device import amp_dtype_for, as_device, cpu_name, get_device, keep_freed_memory, set_seed
@@ -59,16 +59,16 @@ def get_MNISTdataset_with_loader(datasettype, kwargs=None, loader="fast", data_d
     if loader == "fast" and set(options) - _FAST_KWARGS:
         raise ConfigError("kwargs", f"the fast loader does not take {sorted(set(options) - _FAST_KWARGS)}: use "
                                     "loader='classic' for those")
-    workers, subset = check("workers", options.pop("num_workers", 0)), check("train_subset", subset)
+    workers = FIELDS["workers"].check("num_workers", options.pop("num_workers", 0))
     if loader == "classic" and batch_size % shard[1]:
         raise ConfigError("batch_size", f"{batch_size} does not split evenly over {shard[1]} processes: give a "
                                         f"multiple of {shard[1]} for the classic loader")
     images, labels = load_split(datasettype == "train", data_dir, checksums)
-    images, labels = images[:subset], labels[:subset]  # subset None: all
+    subset = Field(int, 1, len(labels), none=True).check("subset", subset)  # None: all
     shuffle, drop_last, pin = options.pop("shuffle", False), options.pop("drop_last", False), \
         options.pop("pin_memory", False)
-    return make_loader(images, labels, batch_size=batch_size, train=datasettype == "train", loader=loader,
-                       device=get_device(None) if device is None else as_device(device), seed=seed, workers=workers,
+    return make_loader(images[:subset], labels[:subset], batch_size, datasettype == "train", loader,
+                       get_device(None) if device is None else as_device(device), seed=seed, num_workers=workers,
                        pin_memory=pin, drop_last=drop_last, shuffle=shuffle, shard=shard,
                        augment=check("augment", augment), **(options if loader == "classic" else {}))
 

@@ -7,6 +7,7 @@ a `DataLoader`, the fast one on the training device, a batch at a time. `make_lo
 import functools
 import math
 import signal
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -75,33 +76,44 @@ def augment_batch(images, angles, cropped, crop=22):
     return F.grid_sample(images, grid, mode="nearest", padding_mode="zeros", align_corners=False)
 
 
-def sample_affine(n, generator, device, degrees=10.0, scale=0.1, shear=10.0, shift=2.0, elastic=0.0, sigma=4.0,
-                  size=28):
-    """The `affine` augmentation's random draws for n images, as `affine_batch` takes them: affine_grid matrices
-    shifting by up to `shift` pixels, then rotating by up to `degrees`, shearing along x by up to `shear` degrees and
-    scaling by 1 ± `scale` about the centre; with `elastic` > 0 also Simard et al.'s (2003) elastic distortion: uniform
-    noise smoothed by a Gaussian of `sigma` pixels, scaled to `elastic` pixels, as an (n, size, size, 2) grid offset."""
-    uniform = functools.partial(_uniform, n, generator=generator, device=device)
-    rad, shear_rad = torch.deg2rad(uniform(degrees)), torch.deg2rad(uniform(shear))
-    zoom = 1 + uniform(scale)
-    cos, sin, tan = torch.cos(rad), torch.sin(rad), torch.tan(shear_rad)
-    # output pixel p reads input point (rotation @ shear / zoom) p + t: the image shifted by -t, then warped
-    theta = torch.stack([torch.stack([cos, cos * tan - sin, uniform(shift) * 2 / size], 1),
-                         torch.stack([sin, sin * tan + cos, uniform(shift) * 2 / size], 1)], 1) / zoom.view(-1, 1, 1)
-    theta[:, :, 2] *= zoom.view(-1, 1)  # the division above is the scale of the warp, not of the shift
-    if not elastic:
-        return (theta,)
-    noise = torch.rand(n * 2, 1, size, size, generator=generator, device=device) * 2 - 1
-    radius = max(1, math.ceil(3 * sigma))
-    k = torch.exp(-torch.arange(-radius, radius + 1, dtype=torch.float32, device=device).square() / (2 * sigma * sigma))
-    k = k / k.sum()  # a Gaussian of `sigma` pixels, applied along x then along y
-    field = F.conv2d(F.conv2d(noise, k.view(1, 1, 1, -1), padding=(0, len(k) // 2)), k.view(1, 1, -1, 1),
-                     padding=(len(k) // 2, 0))
-    return theta, field.view(n, 2, size, size).permute(0, 2, 3, 1) * (elastic * 2 / size)  # pixels -> normalised
+@dataclass(frozen=True)
+class Affine:
+    """The `affine` augmentation's strengths: shift by up to `shift` pixels, then rotate by up to `degrees`, shear
+    along x by up to `shear` degrees and scale by 1 ± `scale` about the centre; with `elastic` > 0 also Simard et
+    al.'s (2003) elastic distortion: uniform noise smoothed by a Gaussian of `sigma` pixels, scaled to `elastic`
+    pixels. `sample` draws them for a batch, as `affine_batch` takes them."""
+    degrees: float = 10.0
+    scale: float = 0.1
+    shear: float = 10.0
+    shift: float = 2.0
+    elastic: float = 0.0
+    sigma: float = 4.0
+
+    def sample(self, n, generator, device, size=28):
+        """affine_grid matrices for n images and, with `elastic`, an (n, size, size, 2) grid offset."""
+        uniform = functools.partial(_uniform, n, generator=generator, device=device)
+        rad, shear_rad = torch.deg2rad(uniform(self.degrees)), torch.deg2rad(uniform(self.shear))
+        zoom = 1 + uniform(self.scale)
+        cos, sin, tan = torch.cos(rad), torch.sin(rad), torch.tan(shear_rad)
+        # output pixel p reads input point (rotation @ shear / zoom) p + t: the image shifted by -t, then warped
+        theta = torch.stack([torch.stack([cos, cos * tan - sin, uniform(self.shift) * 2 / size], 1),
+                             torch.stack([sin, sin * tan + cos, uniform(self.shift) * 2 / size], 1)], 1) \
+            / zoom.view(-1, 1, 1)
+        theta[:, :, 2] *= zoom.view(-1, 1)  # the division above is the scale of the warp, not of the shift
+        if not self.elastic:
+            return (theta,)
+        noise = torch.rand(n * 2, 1, size, size, generator=generator, device=device) * 2 - 1
+        radius, sigma = max(1, math.ceil(3 * self.sigma)), self.sigma
+        x = torch.arange(-radius, radius + 1, dtype=torch.float32, device=device)
+        k = torch.exp(-x.square() / (2 * sigma * sigma))
+        k = k / k.sum()  # a Gaussian of `sigma` pixels, applied along x then along y
+        field = F.conv2d(F.conv2d(noise, k.view(1, 1, 1, -1), padding=(0, len(k) // 2)), k.view(1, 1, -1, 1),
+                         padding=(len(k) // 2, 0))
+        return theta, field.view(n, 2, size, size).permute(0, 2, 3, 1) * (self.elastic * 2 / size)  # normalised
 
 
 def affine_batch(images, theta, field=None):
-    """A batch of (B, 1, H, W) images (0 = background) warped by `sample_affine`'s draws, in one grid_sample."""
+    """A batch of (B, 1, H, W) images (0 = background) warped by `Affine.sample`'s draws, in one grid_sample."""
     grid = F.affine_grid(theta.float(), list(images.shape), align_corners=False)
     if field is not None:
         grid = grid + field
@@ -112,31 +124,39 @@ def affine_batch(images, theta, field=None):
 ELASTIC_ALPHA, ELASTIC_SIGMA = 12.0, 4.0
 AUGMENTATIONS = {  # a recipe's `augment`: (draw the random parameters for n images, apply them to a batch)
     "classic": (sample_augmentation, augment_batch),
-    "affine": (sample_affine, affine_batch),
-    "elastic": (functools.partial(sample_affine, elastic=ELASTIC_ALPHA, sigma=ELASTIC_SIGMA), affine_batch),
+    "affine": (Affine().sample, affine_batch),
+    "elastic": (Affine(elastic=ELASTIC_ALPHA, sigma=ELASTIC_SIGMA).sample, affine_batch),
 }
 
 
+@dataclass(eq=False, repr=False)
 class FastMNISTLoader:
     """A drop-in for a DataLoader: MNIST held once as uint8 on the training device, batches made and augmented there
     (`augment`: a name in AUGMENTATIONS, True for "classic"). Epoch e is shuffled and augmented from seed + e
     (`set_epoch`; iterating advances it), so a resumed run sees the same batches. Sharded (`rank` of `world_size`),
     every process draws for the whole global batch and keeps its share: together, exactly the single-process batch."""
+    images: torch.Tensor
+    labels: torch.Tensor
+    batch_size: int = 512
+    shuffle: bool = False
+    augment: str | bool | None = False
+    device: torch.device | str = "cpu"  # where the caller trains: never chosen here
+    seed: int | None = None  # None: drawn from the global RNG, so set_seed() makes it reproducible
+    drop_last: bool = False
+    rank: int = 0
+    world_size: int = 1
 
-    def __init__(self, images, labels, batch_size=512, shuffle=False, augment=False, device="cpu",
-                 seed=None, drop_last=False, rank=0, world_size=1):
-        self.device = torch.device(device)  # where the caller trains: never chosen here
-        self.images = images.to(self.device)  # uint8: 47 MB for the training split
-        self.labels = labels.to(self.device, torch.int64)
+    def __post_init__(self):
+        self.device = torch.device(self.device)
+        self.images = self.images.to(self.device)  # uint8: 47 MB for the training split
+        self.labels = self.labels.to(self.device, torch.int64)
         self.dataset = TensorDataset(self.images, self.labels)
-        self.augment = "classic" if augment is True else augment or None
+        augment, self.augment = self.augment, "classic" if self.augment is True else self.augment or None
         if self.augment not in (None, *AUGMENTATIONS):
             raise ValueError(f"augment={augment!r}: use one of {', '.join(AUGMENTATIONS)}, or False")
         self._draw, self._apply = AUGMENTATIONS.get(self.augment, (None, None))
-        self.batch_size, self.shuffle, self.drop_last, self.epoch = batch_size, shuffle, drop_last, 0
-        self.rank, self.world_size = rank, world_size
-        # Drawn from the global RNG when not given, so set_seed() makes it reproducible.
-        self.seed = int(seed) if seed is not None else int(torch.randint(2**31 - 1, ()).item())
+        self.seed = int(self.seed) if self.seed is not None else int(torch.randint(2**31 - 1, ()).item())
+        self.epoch = 0
 
     def set_epoch(self, epoch):
         self.epoch = epoch
@@ -166,29 +186,33 @@ def _leave_signals_to_the_main_process(worker_id):
         signal.signal(sig, signal.SIG_IGN)
 
 
-def make_loader(images, labels, *, batch_size, train, loader="fast", device="cpu", seed=None, workers=0,
-                pin_memory=False, drop_last=False, shuffle=None, shard=(0, 1), augment="classic",
-                **dataloader_options):
-    """A loader over (images uint8 (N, 28, 28), labels), augmented when `train`, shuffled when `shuffle` (default:
-    `train`): a FastMNISTLoader on `device` (loader="fast"), or the original DataLoader with per-image PIL transforms
-    in `workers` processes ("classic"; `dataloader_options` go to it). `shard=(rank, world_size)` gives process `rank`
-    its share of every global batch (classic: batch_size // world_size images; the caller checks that it divides)."""
-    rank, world_size = shard
-    shuffle = train if shuffle is None else shuffle
+def make_loader(images, labels, batch_size, train, loader="fast", device="cpu", **options):
+    """A loader over (images uint8 (N, 28, 28), labels), augmented when `train`: a FastMNISTLoader on `device`
+    (loader="fast"), or the original DataLoader with per-image PIL transforms ("classic").
+
+    `options`, as a DataLoader takes them: shuffle (default: `train`), drop_last, seed, augment (a name in
+    AUGMENTATIONS; default the original's), shard=(rank, world_size) for process `rank`'s share of every global
+    batch (classic: batch_size // world_size images; the caller checks that it divides); the classic loader also
+    takes num_workers, pin_memory and any other DataLoader option, which the fast one, without workers, ignores.
+    """
+    shuffle, drop_last = options.pop("shuffle", train), options.pop("drop_last", False)
+    seed, augment, (rank, world_size) = options.pop("seed", None), options.pop("augment", "classic"), \
+        options.pop("shard", (0, 1))
     if loader == "fast":
-        return FastMNISTLoader(images, labels, batch_size, shuffle=shuffle, augment=train and augment, device=device,
-                               seed=seed, drop_last=drop_last, rank=rank, world_size=world_size)
+        return FastMNISTLoader(images, labels, batch_size, shuffle, train and augment, device, seed, drop_last, rank,
+                               world_size)
     if train and augment not in ("classic", True):
         raise ValueError(f"augment={augment!r}: the classic loader has the original's augmentation only (augment="
                          "'classic'); use loader='fast' for the others, or train=False for none")
     dataset = MNISTImages(images, labels, get_train_transforms() if train else get_test_transforms())
     sampler = (DistributedSampler(dataset, world_size, rank, shuffle=shuffle, seed=seed or 0, drop_last=drop_last)
                if world_size > 1 else None)
+    workers = options.pop("num_workers", 0)
     return DataLoader(dataset, **{
         "batch_size": batch_size // world_size, "shuffle": shuffle and sampler is None, "sampler": sampler,
-        "num_workers": workers, "drop_last": drop_last, "pin_memory": pin_memory and pins_memory(device),
-        "persistent_workers": workers > 0, "worker_init_fn": _leave_signals_to_the_main_process,
-        **dataloader_options})
+        "num_workers": workers, "drop_last": drop_last,
+        "pin_memory": options.pop("pin_memory", False) and pins_memory(device),  # pinned pages only help a GPU copy
+        "persistent_workers": workers > 0, "worker_init_fn": _leave_signals_to_the_main_process, **options})
 
 
 TEST_BATCH = 256  # evaluation batch (rounded up to a multiple of the number of processes)
@@ -196,7 +220,7 @@ TEST_BATCH = 256  # evaluation batch (rounded up to a multiple of the number of 
 
 def make_loaders(config, device, ctx):
     """The train, validation (None without a split) and test loaders of `config` on `device`, sharded for `ctx`."""
-    common = {"loader": config.loader, "device": device, "workers": config.workers, "pin_memory": True,
+    common = {"loader": config.loader, "device": device, "num_workers": config.workers, "pin_memory": True,
               "shard": (ctx.rank, ctx.world_size)}
     images, labels = load_split(True, config.data_dir)
     held_out = None
@@ -204,11 +228,11 @@ def make_loaders(config, device, ctx):
         (images, labels), held_out = split_images(images, labels, config.val_split, config.seed)
     if config.train_subset is not None:
         images, labels = images[:config.train_subset], labels[:config.train_subset]
-    train_loader = make_loader(images, labels, batch_size=config.recipe.batch_size, train=True, seed=config.seed,
+    train_loader = make_loader(images, labels, config.recipe.batch_size, True, seed=config.seed,
                                augment=config.recipe.augment, **common)
     eval_batch = -(-TEST_BATCH // ctx.world_size) * ctx.world_size
-    val_loader = make_loader(*held_out, batch_size=eval_batch, train=False, **common) if held_out else None
-    test_loader = make_loader(*load_split(False, config.data_dir), batch_size=eval_batch, train=False, **common)
+    val_loader = make_loader(*held_out, eval_batch, False, **common) if held_out else None
+    test_loader = make_loader(*load_split(False, config.data_dir), eval_batch, False, **common)
     return train_loader, val_loader, test_loader
 
 

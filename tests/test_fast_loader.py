@@ -9,13 +9,13 @@ from torchvision.transforms import functional as TF
 from s5.data import (
     MEAN,
     STD,
+    Affine,
     FastMNISTLoader,
     affine_batch,
     augment_batch,
     get_mnist_dataset,
     get_test_transforms,
     get_train_transforms,
-    sample_affine,
     sample_augmentation,
 )
 from utils import get_MNISTdataset_with_loader
@@ -155,7 +155,7 @@ def centre_of_mass(images):
 
 def test_affine_without_ranges_is_the_identity(real_train):
     x = real_train[0][:8].unsqueeze(1).float() / 255
-    draws = sample_affine(8, torch.Generator().manual_seed(0), "cpu", degrees=0, scale=0, shear=0, shift=0)
+    draws = Affine(degrees=0, scale=0, shear=0, shift=0).sample(8, torch.Generator().manual_seed(0), "cpu")
     torch.testing.assert_close(affine_batch(x, *draws), x, atol=1e-5, rtol=0)
 
 
@@ -163,13 +163,13 @@ def test_affine_shifts_scales_and_rotates_within_its_ranges():
     blob = torch.zeros(512, 1, 28, 28)
     blob[:, :, 10:18, 12:16] = 1.0  # an upright bar in the middle
     gen = torch.Generator().manual_seed(0)
-    moved = affine_batch(blob, *sample_affine(512, gen, "cpu", degrees=0, scale=0, shear=0, shift=2.0))
+    moved = affine_batch(blob, *Affine(degrees=0, scale=0, shear=0, shift=2.0).sample(512, gen, "cpu"))
     offset = centre_of_mass(moved) - centre_of_mass(blob)
     assert offset.abs().max() <= 2.05 and offset.std(0).min() > 0.8  # up to 2 pixels, in both directions
-    zoomed = affine_batch(blob, *sample_affine(512, gen, "cpu", degrees=0, scale=0.1, shear=0, shift=0))
+    zoomed = affine_batch(blob, *Affine(degrees=0, scale=0.1, shear=0, shift=0).sample(512, gen, "cpu"))
     area = zoomed.sum((1, 2, 3)) / blob.sum((1, 2, 3))
     assert 0.9**2 - 0.02 < area.min() and area.max() < 1.1**2 + 0.02 and area.std() > 0.05
-    turned = affine_batch(blob, *sample_affine(512, gen, "cpu", degrees=10, scale=0, shear=0, shift=0))
+    turned = affine_batch(blob, *Affine(degrees=10, scale=0, shear=0, shift=0).sample(512, gen, "cpu"))
     angles = orientation_degrees(turned)
     assert angles.abs().max() < 11 and angles.std() > 4
 
@@ -177,7 +177,7 @@ def test_affine_shifts_scales_and_rotates_within_its_ranges():
 def test_elastic_distortion_is_smooth_and_local(real_train):
     x = real_train[0][:64].unsqueeze(1).float() / 255
     gen = torch.Generator().manual_seed(0)
-    theta, field = sample_affine(64, gen, "cpu", degrees=0, scale=0, shear=0, shift=0, elastic=34.0, sigma=4.0)
+    theta, field = Affine(degrees=0, scale=0, shear=0, shift=0, elastic=34.0, sigma=4.0).sample(64, gen, "cpu")
     pixels = field * 14  # normalised coordinates -> pixels
     assert field.shape == (64, 28, 28, 2) and 0.5 < pixels.abs().max() < 34  # alpha bounds it; smoothing shrinks it
     # smooth: neighbouring pixels move alike (about 0.17x the mean displacement apart for sigma 4; raw noise, ~1.3x)

@@ -564,7 +564,7 @@ def test_a_run_with_affine_augmentation_and_tta_records_and_saves_what_it_evalua
     assert final["tta"] is True
     model = Net()
     model.load_state_dict(torch.load(out / "model.pt", weights_only=True))
-    test = make_loader(*load_split(False, mnist_root), batch_size=256, train=False)
+    test = make_loader(*load_split(False, mnist_root), 256, False)
     loss, acc, _, _ = evaluate(ShiftAveraged(model), test, torch.nn.functional.nll_loss, device=torch.device("cpu"),
                                progress=False)
     plain_loss = evaluate(model, test, torch.nn.functional.nll_loss, device=torch.device("cpu"), progress=False)[0]
