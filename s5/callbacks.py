@@ -78,17 +78,34 @@ class CollapseCheck(Callback):
 
 
 class Checkpoints(Callback):
+    """best.pt and last.pt. A run resumed into a new folder brings its best.pt along (it may stay the best), and a
+    finished run resumed there its last.pt too: a folder a run writes always holds both."""
+
     def epoch_end(self, run, epoch):
         accs = run.history[f"{run.config.evaluated_on}_acc"]
-        if accs[-1] > max(accs[:-1], default=-1.0):
-            self.save(run, "best.pt", epoch)  # before last.pt: a kill between the two never leaves best.pt behind
-        self.save(run, "last.pt", epoch)
+        if accs[-1] > max(accs[:-1], default=-1.0):  # before last.pt: a kill between the two never leaves
+            run.run_dir.write("best.pt", checkpoints.checkpoint_bytes(run, epoch))  # best.pt behind last.pt
+        elif not run.run_dir.exists("best.pt"):
+            self.carry(run, "best.pt")
+        run.run_dir.write("last.pt", checkpoints.checkpoint_bytes(run, epoch))
 
-    def save(self, run, name, epoch):
-        run.run_dir.write(name, checkpoints.checkpoint_bytes(run, epoch))
+    def finish(self, run):
+        for name in ("best.pt", "last.pt"):
+            if not run.run_dir.exists(name):
+                self.carry(run, name)
+
+    def carry(self, run, name):
+        """The resumed run's checkpoint `name` (its best.pt, or the one resumed), as this folder's run's."""
+        source = run.resume.path.parent / "best.pt" if name == "best.pt" else run.resume.path
+        state = checkpoints.load_checkpoint(source) if source.is_file() else run.resume.state
+        run.run_dir.write(name, checkpoints.restamped(state, run))
 
 
 class MetricsFiles(Callback):
+    def finish(self, run):
+        if not run.run_dir.exists("metrics.csv"):  # a finished run resumed into a new folder
+            self.epoch_end(run, run.config.epochs)
+
     def epoch_end(self, run, epoch):
         run.run_dir.write("metrics.csv", csv_bytes(run.history, loop.epoch_columns(run.config.evaluated_on)))
         run.run_dir.write("steps.csv", csv_bytes(run.history, loop.STEP_COLUMNS))

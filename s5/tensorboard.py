@@ -1,21 +1,13 @@
-"""TensorBoard logs of a run (a callback of s5.callbacks, or by hand in a notebook): its history's scalars and its
-figures, as event files in the run's folder.
-
-`epoch(history)` writes the points of the growing history not yet written. A resumed run starts from the history
-its checkpoint holds, and what the earlier session wrote after that checkpoint is purged, so every point appears
-once. Global steps are thousandths of an epoch, so the epoch and the step curves share one x-axis. Tags:
-epoch/{train,test,val}_{loss,acc}, epoch/lr; step/train_loss, step/train_acc, step/lr; figures/NAME. It needs the
-tensorboard package, which the core install leaves out (requirements-tensorboard.txt; `make tensorboard`).
-"""
+"""TensorBoard logs of a run (a run's callback, or by hand in a notebook): its history's scalars and its figures, as
+event files. A resume purges what the earlier session wrote after its checkpoint, so every point appears once. Steps
+are thousandths of an epoch, so epoch and step curves share one x-axis. Needs requirements-tensorboard.txt."""
 
 from s5.errors import UserError
 
 STEPS_PER_EPOCH = 1000
-REQUIREMENTS = "requirements-tensorboard.txt"
-EPOCH_TAGS = {"train_loss": "epoch/train_loss", "test_loss": "epoch/test_loss", "train_acc": "epoch/train_acc",
-              "test_acc": "epoch/test_acc", "val_loss": "epoch/val_loss", "val_acc": "epoch/val_acc",
-              "lr": "epoch/lr"}  # history key -> tag (a run with a validation split has val_*, not test_*)
-STEP_TAGS = {"step_train_loss": "step/train_loss", "step_train_acc": "step/train_acc", "step_lr": "step/lr"}
+EPOCH_TAGS = {key: f"epoch/{key}" for key in ("train_loss", "test_loss", "train_acc", "test_acc", "val_loss",
+                                              "val_acc", "lr")}  # a run with a validation split has val_*, not test_*
+STEP_TAGS = {f"step_{key}": f"step/{key}" for key in ("train_loss", "train_acc", "lr")}
 
 
 class TensorBoardMissingError(UserError, ImportError):
@@ -32,41 +24,33 @@ def check_installed():
     try:
         from torch.utils.tensorboard import SummaryWriter  # noqa: F401
     except ImportError:
-        raise TensorBoardMissingError(f"TensorBoard logs need the tensorboard package: pip install -r "
-                                      f"{REQUIREMENTS} (make tensorboard does it)") from None
+        raise TensorBoardMissingError("TensorBoard logs need the tensorboard package: pip install -r "
+                                      "requirements-tensorboard.txt (make tensorboard does it)") from None
 
 
 class TensorBoardLog:
-    """A run's scalars and figures for TensorBoard, written into `folder` (the run's folder).
-
-    `history`: for a resumed run, the history its checkpoint holds (its points were written by the session
-    before); None for a new run. TensorBoardMissingError when the tensorboard package is not installed.
-    """
+    """A run's scalars and figures, written into `folder`; `history` is a resumed run's checkpoint's, None if new."""
 
     def __init__(self, folder, history=None):
         check_installed()
         from torch.utils.tensorboard import SummaryWriter
-        self.epochs_written = len(history["epoch"]) if history is not None else 0
-        self.steps_written = len(history["step_epoch"]) if history is not None else 0
-        # A resume hides whatever the earlier session wrote after the checkpoint's last epoch.
-        purge_step = global_step(self.epochs_written) + 1 if history is not None else None
-        self.writer = SummaryWriter(str(folder), purge_step=purge_step)
+        resumed = history is not None
+        self.epochs_written = len(history["epoch"]) if resumed else 0
+        self.steps_written = len(history["step_epoch"]) if resumed else 0
+        self.writer = SummaryWriter(str(folder), purge_step=global_step(self.epochs_written) + 1 if resumed else None)
 
     def epoch(self, history):
         """Write the points of `history` (the run's whole history, grown since the last call) not yet written."""
-        for i in range(self.epochs_written, len(history["epoch"])):
-            step = global_step(history["epoch"][i])
-            for key, tag in EPOCH_TAGS.items():
-                if key in history:
-                    self.writer.add_scalar(tag, history[key][i], step)
-        for i in range(self.steps_written, len(history["step_epoch"])):
-            step = global_step(history["step_epoch"][i])
-            for key, tag in STEP_TAGS.items():
-                self.writer.add_scalar(tag, history[key][i], step)
+        for tags, steps, first in ((EPOCH_TAGS, "epoch", self.epochs_written),
+                                   (STEP_TAGS, "step_epoch", self.steps_written)):
+            for i in range(first, len(history[steps])):
+                for key, tag in tags.items():
+                    if key in history:
+                        self.writer.add_scalar(tag, history[key][i], global_step(history[steps][i]))
         self.epochs_written, self.steps_written = len(history["epoch"]), len(history["step_epoch"])
         self.writer.flush()  # on disk now: a run killed later loses nothing it has logged
 
-    def epoch_end(self, run, epoch):  # as a run's callback (s5.callbacks)
+    def epoch_end(self, run, epoch):
         self.epoch(run.history)
 
     def finish(self, run):

@@ -449,6 +449,20 @@ def test_resume_can_continue_in_a_new_folder(finished_run, tmp_path):
         run / "last.pt")["run_id"]
 
 
+def test_a_finished_run_resumed_into_a_new_folder_leaves_a_whole_run_there(finished_run, tmp_path):
+    """Round 4: NEW held final.json and the figures but no last.pt, best.pt, metrics.csv or steps.csv."""
+    run = copy_of(finished_run, tmp_path)
+    done = run_train("--resume", run / "last.pt", "--out", tmp_path / "new")
+    assert done.returncode == 0, done.stderr
+    new = tmp_path / "new"
+    assert all((new / name).stat().st_size > 0 for name in ("last.pt", "best.pt", "metrics.csv", "steps.csv",
+                                                            "model.pt", "final.json", "accuracy_plots.png"))
+    assert (new / "metrics.csv").read_text() == (run / "metrics.csv").read_text()
+    more = run_train("--resume", new / "last.pt", "--epochs", "2")  # resumable in place: its marker names it
+    assert more.returncode == 0, more.stderr
+    assert [r["epoch"] for r in read_metrics(new / "metrics.csv")] == ["1", "2"]
+
+
 def test_symlinked_marker_in_an_empty_out_is_never_written_through(tmp_path, capsys):
     notes = tmp_path / "notes.txt"
     notes.write_text("my notes")
@@ -551,8 +565,8 @@ def test_a_run_with_affine_augmentation_and_tta_records_and_saves_what_it_evalua
     from model import Net
     from s5.checkpoints import read_resumable
     from s5.data import make_loader
-    from s5.loop import evaluate
     from s5.evaluation import ShiftAveraged
+    from s5.loop import evaluate
     from s5.mnist import load_split
     out = tmp_path / "run"
     done = run_train("--recipe", "best", "--epochs", "2", "--train-subset", "2048", "--val-split", "1000", "--tta",
