@@ -118,15 +118,8 @@ def as_photo(digit, light_background, scale=5, pad=(30, 10)):
 
 
 # The edit loop's tier: `pytest -m "not slow"` skips what trains on real MNIST, needs a trained model, or starts
-# processes (torchrun, the notebook's kernel, the browser, the benchmark); `make test` and CI run everything.
-SLOW_FIXTURES = {"mnist_root", "trained", "finished_run", "real_train"}
-SLOW_MODULES = {"test_distributed", "test_notebook", "test_bench", "test_demo"}
-
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or item.module.__name__ in SLOW_MODULES:
-            item.add_marker(pytest.mark.slow)
+# processes (torchrun, the notebook's kernel, the browser, the benchmark); each test file marks its own slow tests
+# (`@pytest.mark.slow`, or `pytestmark` for a whole file). `make test` and CI run everything.
 
 
 def png_with_chunk(png_bytes, chunk_type, payload):

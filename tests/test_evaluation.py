@@ -14,6 +14,7 @@ def test_loader(mnist_root):
     return get_MNISTdataset_with_loader("test", {"batch_size": 1000}, data_dir=mnist_root, device="cpu")
 
 
+@pytest.mark.slow
 def test_confusion_matrix_totals(test_loader, tmp_path):
     set_seed(0)
     model = Net()
@@ -26,6 +27,7 @@ def test_confusion_matrix_totals(test_loader, tmp_path):
     assert f"{int(cm.trace())}/10000" in fig.axes[0].get_title() and (tmp_path / "cm.png").exists()
 
 
+@pytest.mark.slow
 def test_misclassified_are_worst_first(test_loader, tmp_path):
     set_seed(0)
     model = Net()
@@ -45,6 +47,7 @@ def test_misclassified_are_worst_first(test_loader, tmp_path):
     assert (tmp_path / "m.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
 def test_misclassified_refuses_a_negative_k(test_loader):
     set_seed(0)
     predictions = predict_loader(Net(), test_loader, "cpu", keep_images=True)

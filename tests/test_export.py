@@ -42,6 +42,7 @@ def exported(trained, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_the_export_checks_and_has_a_free_batch_dimension(exported):
     model = onnx.load(exported)
     onnx.checker.check_model(model, full_check=True)
@@ -54,6 +55,7 @@ def test_the_export_checks_and_has_a_free_batch_dimension(exported):
     assert not [t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]  # one file
 
 
+@pytest.mark.slow
 def test_onnxruntime_agrees_with_pytorch_on_the_10000_test_images(trained, exported, mnist_root):
     model, _, _ = trained
     images, labels = load_split(False, mnist_root)
@@ -75,6 +77,7 @@ def test_onnxruntime_agrees_with_pytorch_on_the_10000_test_images(trained, expor
         assert (net(x[i:i + 1]) - expected[i:i + 1]).abs().max().item() < BOUND
 
 
+@pytest.mark.slow
 def test_predict_onnx_gives_the_checkpoints_digits(trained, exported):
     _, ckpt, _ = trained
     digits = REPO / "examples" / "digits"
@@ -92,6 +95,7 @@ def test_predict_onnx_gives_the_checkpoints_digits(trained, exported):
     assert as_json.returncode == 0 and len(as_json.stdout.splitlines()) == 5
 
 
+@pytest.mark.slow
 def test_predict_onnx_usage_errors(trained, exported, tmp_path):
     _, ckpt, _ = trained
     digits = REPO / "examples" / "digits"
@@ -105,6 +109,7 @@ def test_predict_onnx_usage_errors(trained, exported, tmp_path):
         assert done.stderr.startswith("error: ") and message in done.stderr and len(done.stderr.splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_the_core_install_needs_none_of_the_export_packages(trained, exported):
     """predict.py with a checkpoint runs where onnx, onnxscript and onnxruntime are missing; --onnx names them."""
     _, ckpt, _ = trained
@@ -132,6 +137,7 @@ def test_another_onnx_model_is_refused(tmp_path):
 
 # --- export.py's failures: one line, the exit status of cli.py, no file left behind --------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["missing", "not_a_checkpoint", "out_under_a_file", "out_is_a_folder"])
 def test_export_cli_errors(trained, tmp_path, case):
     _, ckpt, _ = trained
@@ -147,6 +153,7 @@ def test_export_cli_errors(trained, tmp_path, case):
     assert sorted(os.listdir(tmp_path)) == before  # nothing written, no temporary left
 
 
+@pytest.mark.slow
 def test_a_failed_write_is_exit_1_and_leaves_nothing(trained, tmp_path, monkeypatch, capsys):
     _, ckpt, _ = trained
     real_atomic_write = export.atomic_write
@@ -165,6 +172,7 @@ def test_a_failed_write_is_exit_1_and_leaves_nothing(trained, tmp_path, monkeypa
     assert len(err.splitlines()) == 1 and os.listdir(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_a_failed_export_is_exit_1(trained, tmp_path, monkeypatch, capsys):
     _, ckpt, _ = trained
 
@@ -180,6 +188,7 @@ def test_a_failed_export_is_exit_1(trained, tmp_path, monkeypatch, capsys):
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("package", ["onnx", "onnxscript", "onnxruntime"])
 def test_a_missing_package_is_one_line_naming_the_requirements(trained, tmp_path, monkeypatch, capsys, package):
     _, ckpt, _ = trained

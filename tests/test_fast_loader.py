@@ -31,6 +31,7 @@ def make(images, labels, **kw):
     return FastMNISTLoader(images, labels, device="cpu", **{"batch_size": 128, "seed": 3, **kw})
 
 
+@pytest.mark.slow
 def test_shapes_dtypes_and_len(real_train):
     loader = make(*real_train, shuffle=True, augment=True)
     batches = list(loader)
@@ -42,6 +43,7 @@ def test_shapes_dtypes_and_len(real_train):
     assert len(make(*real_train, drop_last=True)) == 7
 
 
+@pytest.mark.slow
 def test_normalisation_matches_torchvision_transforms(mnist_root):
     ds = get_mnist_dataset(False, mnist_root, transform=get_test_transforms())
     loader = get_MNISTdataset_with_loader("test", {"batch_size": 10}, data_dir=mnist_root, device="cpu")
@@ -53,6 +55,7 @@ def test_normalisation_matches_torchvision_transforms(mnist_root):
     assert len(loader.dataset) == 10_000
 
 
+@pytest.mark.slow
 def test_every_sample_once_per_epoch_with_labels_aligned(real_train):
     images, labels = real_train
     loader = make(images, labels, shuffle=True)
@@ -66,6 +69,7 @@ def test_every_sample_once_per_epoch_with_labels_aligned(real_train):
     assert len(seen) == 1000 and len(set(seen)) == len(set(key))
 
 
+@pytest.mark.slow
 def test_shuffle_order_changes_between_epochs_and_not_without_shuffle(real_train):
     loader = make(*real_train, shuffle=True)
     first, second = (torch.cat([y for _, y in loader]) for _ in range(2))
@@ -74,6 +78,7 @@ def test_shuffle_order_changes_between_epochs_and_not_without_shuffle(real_train
     assert torch.equal(torch.cat([y for _, y in plain]), real_train[1])
 
 
+@pytest.mark.slow
 def test_same_seed_same_batches_and_set_epoch_replays(real_train):
     a, b = make(*real_train, shuffle=True, augment=True), make(*real_train, shuffle=True, augment=True)
     for (xa, ya), (xb, yb) in zip(a, b):
@@ -114,6 +119,7 @@ def test_augmentation_varies_and_stays_within_15_degrees():
     assert zoomed.item() == pytest.approx((28 / 22) ** 2, rel=0.1)  # crop-22-and-resize enlarges the ink
 
 
+@pytest.mark.slow
 def test_augmentation_gives_the_classic_pipelines_pixels(real_train):
     """Same angle and crop draw -> the same image as the PIL transforms of get_train_transforms()."""
     random_crop, resize, rotation = get_train_transforms().transforms[:3]
@@ -133,12 +139,14 @@ def test_augmentation_gives_the_classic_pipelines_pixels(real_train):
     assert off.float().mean() < 1e-4
 
 
+@pytest.mark.slow
 def test_identity_warp_leaves_images_unchanged(real_train):
     x = real_train[0][:8].unsqueeze(1).float() / 255
     out = augment_batch(x, torch.zeros(8), torch.zeros(8, dtype=torch.bool))
     torch.testing.assert_close(out, x, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_augmented_batches_differ_from_plain_ones(real_train):
     plain = next(iter(make(*real_train)))[0]
     augmented = next(iter(make(*real_train, augment=True)))[0]
@@ -153,6 +161,7 @@ def centre_of_mass(images):
     return torch.stack([(images.sum((1, 2)) * xs).sum(1) / mass, (images.sum((1, 3)) * ys).sum(1) / mass], 1)
 
 
+@pytest.mark.slow
 def test_affine_without_ranges_is_the_identity(real_train):
     x = real_train[0][:8].unsqueeze(1).float() / 255
     draws = Affine(degrees=0, scale=0, shear=0, shift=0).sample(8, torch.Generator().manual_seed(0), "cpu")
@@ -174,6 +183,7 @@ def test_affine_shifts_scales_and_rotates_within_its_ranges():
     assert angles.abs().max() < 11 and angles.std() > 4
 
 
+@pytest.mark.slow
 def test_elastic_distortion_is_smooth_and_local(real_train):
     x = real_train[0][:64].unsqueeze(1).float() / 255
     gen = torch.Generator().manual_seed(0)
@@ -190,6 +200,7 @@ def test_elastic_distortion_is_smooth_and_local(real_train):
     assert centre_of_mass(warped).sub(centre_of_mass(x)).abs().max() < 3  # a local warp, not a shift
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("augment", ["affine", "elastic"])
 def test_each_augmentation_is_reproducible_by_seed_and_epoch(real_train, augment):
     a, b = make(*real_train, shuffle=True, augment=augment), make(*real_train, shuffle=True, augment=augment)
@@ -199,6 +210,7 @@ def test_each_augmentation_is_reproducible_by_seed_and_epoch(real_train, augment
     assert (first - next(iter(make(*real_train, shuffle=True)))[0]).abs().mean() > 0.05  # it does augment
 
 
+@pytest.mark.slow
 def test_an_unknown_augmentation_is_refused(real_train):
     with pytest.raises(ValueError, match="augment='rotate'.*classic, affine, elastic"):
         make(*real_train, augment="rotate")

@@ -107,6 +107,7 @@ def test_diverging_loss_raises():
         utils.train(model, torch.device("cpu"), batches, opt, F.nll_loss, [], [], progress=False)
 
 
+@pytest.mark.slow
 def test_one_real_epoch_reaches_95_percent(mnist_root):
     """Full training set, batch 64, the default SGD settings (lr 0.01, momentum 0.9), fixed seed."""
     set_seed(1)

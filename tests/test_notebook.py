@@ -2,9 +2,12 @@
 import os
 
 import nbformat
+import pytest
 from conftest import REPO
 from nbclient import NotebookClient
 from PIL import Image
+
+pytestmark = pytest.mark.slow  # starts a Jupyter kernel
 
 
 def test_notebook_runs_end_to_end(mnist_root, tmp_path, monkeypatch):

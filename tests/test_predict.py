@@ -16,6 +16,7 @@ def predict(*args, **kw):
                           text=True, **kw)
 
 
+@pytest.mark.slow
 def test_folder_lists_every_file_and_exit_1_when_one_failed(trained, tmp_path):
     model, ckpt, digits = trained
     Image.fromarray(as_photo(*digits[0][:1], light_background=True)).save(tmp_path / "good.png")
@@ -28,6 +29,7 @@ def test_folder_lists_every_file_and_exit_1_when_one_failed(trained, tmp_path):
     assert any("notes.png: error: not an image" in line for line in lines)
 
 
+@pytest.mark.slow
 def test_cli_json_and_exit_codes(trained, tmp_path):
     model, ckpt, digits = trained
     for k, (digit, _) in enumerate(digits[:3]):
@@ -44,6 +46,7 @@ def test_cli_json_and_exit_codes(trained, tmp_path):
 
 # --- robustness ------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_crafted_files_do_not_take_the_others_down(trained, tmp_path):
     _, ckpt, digits = trained
     Image.fromarray(as_photo(digits[0][0], True)).save(tmp_path / "good.png")
@@ -56,6 +59,7 @@ def test_crafted_files_do_not_take_the_others_down(trained, tmp_path):
     assert any(line.startswith(f"{tmp_path / 'good.png'}: {digits[0][1]} (") for line in lines)
 
 
+@pytest.mark.slow
 def test_nan_checkpoint_is_refused(trained, tmp_path):
     model, _, digits = trained
     broken = {k: torch.full_like(v, float("nan")) for k, v in model.state_dict().items()}
@@ -68,6 +72,7 @@ def test_nan_checkpoint_is_refused(trained, tmp_path):
         assert len(done.stderr.splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_odd_file_names_stay_one_line_in_any_encoding(trained, tmp_path):
     _, ckpt, digits = trained
     folder = os.fsencode(tmp_path)
@@ -86,6 +91,7 @@ def test_odd_file_names_stay_one_line_in_any_encoding(trained, tmp_path):
     assert len(rows) == 2 and {r["digit"] for r in rows} == {digits[0][1]}
 
 
+@pytest.mark.slow
 def test_unknown_device_is_one_line(trained, tmp_path):
     _, ckpt, _ = trained
     for device in ("tpu", "garbage"):
@@ -107,6 +113,7 @@ def test_zip_bomb_checkpoint_is_refused_in_one_line(tmp_path):
     assert done.stderr.startswith("error: refusing to load ") and "bytes uncompressed" in done.stderr
 
 
+@pytest.mark.slow
 def test_an_empty_path_is_a_usage_error(trained, tmp_path):
     _, ckpt, digits = trained
     Image.fromarray(as_photo(digits[0][0], True)).save(tmp_path / "a.png")
@@ -115,6 +122,7 @@ def test_an_empty_path_is_a_usage_error(trained, tmp_path):
     assert done.stderr.startswith("error: argument PATH: an empty path")
 
 
+@pytest.mark.slow
 def test_symlinked_folders_are_followed_once(trained, tmp_path):
     _, ckpt, digits = trained
     (tmp_path / "real").mkdir()
@@ -128,6 +136,7 @@ def test_symlinked_folders_are_followed_once(trained, tmp_path):
     assert len(lines) == 1 and lines[0].startswith(f"{tmp_path / 'top' / 'linked' / 'a.png'}: "), lines
 
 
+@pytest.mark.slow
 def test_an_unreadable_folder_is_reported_as_such(trained, tmp_path, monkeypatch, capsys):
     """Tests run as root, whom chmod 000 does not stop: the folder's listing is made to fail as it would for a user."""
     import predict as entry_point
@@ -167,6 +176,7 @@ def start_predict(*args):
                             stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow
 def test_results_are_printed_as_they_are_made(trained, tmp_path):
     _, ckpt, digits = trained
     many_images(trained, tmp_path / "many")
@@ -187,6 +197,7 @@ def test_results_are_printed_as_they_are_made(trained, tmp_path):
     assert len(lines) == 1001 and lines[-1].startswith(f"{tmp_path / 'later' / 'x.png'}: {digits[0][1]} (")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 def test_a_signal_mid_way_is_one_line_and_exit_130(trained, tmp_path, sig):
     _, ckpt, _ = trained

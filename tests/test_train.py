@@ -21,6 +21,7 @@ SMALL = ["--recipe", "fast", "--train-subset", "2048", "--batch-size", "64", "--
          "--deterministic"]
 
 
+@pytest.mark.slow
 def test_run_writes_every_output(tmp_path, mnist_root):
     out = tmp_path / "run"
     done = run_train(*SMALL, "--epochs", "2", "--data-dir", mnist_root, "--out", out)
@@ -45,6 +46,7 @@ def test_run_writes_every_output(tmp_path, mnist_root):
     assert again.returncode == 2 and "--resume" in again.stderr
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume_matches_uninterrupted_run(tmp_path, mnist_root):
     args = [*SMALL, "--epochs", "4", "--data-dir", mnist_root]
     full = run_train(*args, "--out", tmp_path / "full")
@@ -74,6 +76,7 @@ def test_kill_9_then_resume_matches_uninterrupted_run(tmp_path, mnist_root):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+@pytest.mark.slow
 def test_divergence_stops_with_message_and_keeps_good_checkpoint(tmp_path, mnist_root):
     out = tmp_path / "nan"
     done = run_train("--recipe", "seed", "--train-subset", "2048", "--lr", "10", "--epochs", "3",
@@ -90,6 +93,7 @@ def test_divergence_stops_with_message_and_keeps_good_checkpoint(tmp_path, mnist
     (b"not a checkpoint", "not a readable checkpoint"),
     (None, "no checkpoint at"),
 ])
+@pytest.mark.slow
 def test_bad_resume_file_one_line_error(tmp_path, content, match):
     path = tmp_path / "last.pt"
     if content is not None:
@@ -109,6 +113,7 @@ def test_missing_data_is_one_line_error(tmp_path):
     assert len(done.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("every_s, drawn_after", [(0.0, [1, 2, 3]), (1e9, [1, 3])])
 def test_accuracy_plot_redrawn_at_most_every_plot_every_s(tmp_path, mnist_root, monkeypatch, every_s, drawn_after):
     """In-process, to count redraws: the first and last epochs always draw, others only PLOT_EVERY_S apart."""
@@ -174,6 +179,7 @@ def test_impossible_flag_from_the_command_line(tmp_path):
     assert_one_line_error(done, 2, "argument --lr: nan is out of range: give a number above 0")
 
 
+@pytest.mark.slow
 def test_too_few_steps_for_one_cycle_is_one_line(tmp_path, mnist_root):
     done = run_train(*SMALL, "--train-subset", "256", "--epochs", "1", "--data-dir", mnist_root,
                      "--out", tmp_path / "o")
@@ -202,6 +208,7 @@ def test_unusable_data_dir_is_one_line(tmp_path, capsys, where):
     assert not (tmp_path / "out" / "last.pt").exists()
 
 
+@pytest.mark.slow
 def test_out_folder_holding_other_files_is_left_alone(tmp_path, mnist_root):
     docs = tmp_path / "docs"
     docs.mkdir()
@@ -213,6 +220,7 @@ def test_out_folder_holding_other_files_is_left_alone(tmp_path, mnist_root):
     assert snapshot(docs) == before
 
 
+@pytest.mark.slow
 def test_two_runs_into_one_folder_one_is_refused(tmp_path, mnist_root):
     out = tmp_path / "shared"
     cmd = [sys.executable, str(REPO / "train.py"), "--no-progress", *TINY, "--epochs", "2", "--data-dir",
@@ -225,6 +233,7 @@ def test_two_runs_into_one_folder_one_is_refused(tmp_path, mnist_root):
     assert [r["epoch"] for r in read_metrics(out / "metrics.csv")] == ["1", "2"]  # the winner's run, whole
 
 
+@pytest.mark.slow
 def test_best_checkpoint_is_never_behind_the_last_one(tmp_path, mnist_root, monkeypatch):
     """Killed between an epoch's two saves: best.pt must not be older than the best epoch last.pt records."""
     import train
@@ -272,6 +281,7 @@ def copy_of(run, tmp_path):
     (["--seed", "9"], "--seed"), (["--train-subset", "100"], "--train-subset"), (["--loader", "classic"], "--loader"),
     (["--augment", "affine"], "--augment"), (["--tta"], "--tta"),
 ])
+@pytest.mark.slow
 def test_resume_refuses_flags_that_define_the_run(finished_run, tmp_path, capsys, flags, name):
     run = copy_of(finished_run, tmp_path)
     before = snapshot(run)
@@ -280,6 +290,7 @@ def test_resume_refuses_flags_that_define_the_run(finished_run, tmp_path, capsys
     assert snapshot(run) == before
 
 
+@pytest.mark.slow
 def test_resume_extends_a_finished_run_and_cleans_stale_temporaries(finished_run, tmp_path, mnist_root):
     run = copy_of(finished_run, tmp_path)
     run_id = (run / ".s5-run").read_text().split()[1]
@@ -298,6 +309,7 @@ def test_resume_extends_a_finished_run_and_cleans_stale_temporaries(finished_run
     assert [p.name for p in run.glob(".*.tmp")] == [".someone-elses.tmp"]  # only the run's own leftovers went
 
 
+@pytest.mark.slow
 def test_resume_of_a_finished_run_writes_its_final_outputs(finished_run, tmp_path):
     run = copy_of(finished_run, tmp_path)
     for name in ("model.pt", "confusion_matrix.png", "misclassified.png"):
@@ -309,6 +321,7 @@ def test_resume_of_a_finished_run_writes_its_final_outputs(finished_run, tmp_pat
     assert len(read_metrics(run / "metrics.csv")) == 1
 
 
+@pytest.mark.slow
 def test_resume_cannot_stretch_a_one_cycle_schedule(tmp_path, mnist_root, capsys):
     out = tmp_path / "fast"
     assert run_train(*SMALL, "--train-subset", "512", "--epochs", "1", "--data-dir", mnist_root, "--out",
@@ -317,6 +330,7 @@ def test_resume_cannot_stretch_a_one_cycle_schedule(tmp_path, mnist_root, capsys
     assert_one_line_error(done, 2, "argument --epochs: cannot change for a one-cycle run")
 
 
+@pytest.mark.slow
 def test_resume_on_another_machine_asks_for_what_moved(finished_run, tmp_path, mnist_root, capsys):
     run = copy_of(finished_run, tmp_path)
     state = load_checkpoint(run / "last.pt")
@@ -330,6 +344,7 @@ def test_resume_on_another_machine_asks_for_what_moved(finished_run, tmp_path, m
     assert not (tmp_path / "gone").exists()  # not re-created where the old machine had it
 
 
+@pytest.mark.slow
 def test_resume_of_a_checkpoint_with_missing_keys(finished_run, tmp_path, capsys):
     run = copy_of(finished_run, tmp_path)
     state = load_checkpoint(run / "last.pt")
@@ -339,6 +354,7 @@ def test_resume_of_a_checkpoint_with_missing_keys(finished_run, tmp_path, capsys
                           "cannot be resumed: it lacks optimizer, rng")
 
 
+@pytest.mark.slow
 def test_a_failed_checkpoint_write_keeps_the_previous_one(finished_run, tmp_path):
     """A full disk, simulated with a file-size limit (writes past it fail with EFBIG, as ENOSPC would)."""
     run = copy_of(finished_run, tmp_path)
@@ -354,6 +370,7 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one(finished_run, tmp_path
     assert not list(run.glob("*.tmp"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 def test_interrupted_runs_say_what_was_kept(tmp_path, mnist_root, sig):
     out = tmp_path / "run"
@@ -380,6 +397,7 @@ def test_interrupted_runs_say_what_was_kept(tmp_path, mnist_root, sig):
                          out).returncode == 0  # the folder can be used again
 
 
+@pytest.mark.slow
 def test_interrupt_while_drawing_the_final_plots(tmp_path, mnist_root, monkeypatch):
     import train
 
@@ -404,6 +422,7 @@ def test_default_run_folders_are_never_shared(tmp_path):
 
 # --- the run's folder: a resume goes through the same claim as a new run -----------------------------------------
 
+@pytest.mark.slow
 def test_resume_of_best_pt_is_refused_and_names_last_pt(finished_run, tmp_path, capsys):
     """Resuming best.pt in place continued from the best epoch and overwrote last.pt and metrics.csv."""
     run = copy_of(finished_run, tmp_path)
@@ -416,6 +435,7 @@ def test_resume_of_best_pt_is_refused_and_names_last_pt(finished_run, tmp_path, 
     assert snapshot(run) == before
 
 
+@pytest.mark.slow
 def test_a_last_pt_copied_into_another_folder_never_writes_there(finished_run, tmp_path, capsys):
     """A last.pt copied into docs/ and resumed rewrote docs/'s plots and left a marker behind."""
     docs = tmp_path / "docs"
@@ -428,6 +448,7 @@ def test_a_last_pt_copied_into_another_folder_never_writes_there(finished_run, t
     assert snapshot(docs) == before and sorted(os.listdir(docs)) == ["accuracy_plots.png", "last.pt"]
 
 
+@pytest.mark.slow
 def test_resume_into_a_folder_whose_marker_names_another_run(finished_run, tmp_path, capsys, mnist_root):
     run = copy_of(finished_run, tmp_path)
     (run / ".s5-run").write_text("run 00000000deadbeef\n")
@@ -436,6 +457,7 @@ def test_resume_into_a_folder_whose_marker_names_another_run(finished_run, tmp_p
     assert snapshot(run) == before
 
 
+@pytest.mark.slow
 def test_resume_can_continue_in_a_new_folder(finished_run, tmp_path):
     """--resume CKPT --out NEW: the run goes on in NEW (new or empty); its own folder is left as it was."""
     run = copy_of(finished_run, tmp_path)
@@ -449,6 +471,7 @@ def test_resume_can_continue_in_a_new_folder(finished_run, tmp_path):
         run / "last.pt")["run_id"]
 
 
+@pytest.mark.slow
 def test_a_finished_run_resumed_into_a_new_folder_leaves_a_whole_run_there(finished_run, tmp_path):
     """Round 4: NEW held final.json and the figures but no last.pt, best.pt, metrics.csv or steps.csv."""
     run = copy_of(finished_run, tmp_path)
@@ -476,6 +499,7 @@ def test_symlinked_marker_in_an_empty_out_is_never_written_through(tmp_path, cap
 
 # --- limits, signals to the whole group, torchrun's variables ----------------------------------------------------
 
+@pytest.mark.slow
 def test_out_of_memory_is_one_line_naming_the_batch_size(tmp_path, mnist_root):
     """A batch of 60,000 needs over 5 GB for the first convolution's output; with 4 GB of address space it fails."""
     def four_gb():
@@ -488,6 +512,7 @@ def test_out_of_memory_is_one_line_naming_the_batch_size(tmp_path, mnist_root):
     assert not (tmp_path / "o" / "last.pt").exists()
 
 
+@pytest.mark.slow
 def test_sigterm_to_the_whole_group_with_loader_workers_is_one_line(tmp_path, mnist_root):
     """SLURM, systemd and torchrun signal every process of the job: the DataLoader workers too."""
     proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), "--no-progress", *TINY, "--loader", "classic",
@@ -542,6 +567,7 @@ def free_port():
     ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "S5_JOIN_TIMEOUT_S": "soon"},
      "S5_JOIN_TIMEOUT_S='soon'"),
 ])
+@pytest.mark.slow
 def test_inconsistent_torchrun_variables_are_named(tmp_path, variables, needle):
     env = launch_env(**variables)
     env.setdefault("MASTER_PORT", str(free_port()))
@@ -561,6 +587,7 @@ def test_a_missing_process_is_waited_for_a_bounded_time(tmp_path):
     assert_one_line_error(done, 2, "process 0 of 2 could not join the group at 127.0.0.1", "within 3 s")
 
 
+@pytest.mark.slow
 def test_a_run_with_affine_augmentation_and_tta_records_and_saves_what_it_evaluated(tmp_path, mnist_root):
     from model import Net
     from s5.checkpoints import read_resumable
