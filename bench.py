@@ -89,7 +89,7 @@ def bench(args):
         print(f"{kind:<6}{pipeline:<20}{str(dtype or 'fp32'):<16}{layout:<15}{img_s:>8.0f} img/s", flush=True)
 
     # Not persistent: the workers stop when a timing ends, instead of prefetching during the next one.
-    classic = {"loader": "classic", "workers": 2, "pin_memory": True, "persistent_workers": False}
+    classic = {"loader": "classic", "num_workers": 2, "pin_memory": True, "persistent_workers": False}
     train_classic = loader(args.batch_size, True, **classic)
     # The original pipeline first: keep_freed_memory() cannot be undone within a process.
     report("train", "classic_fp32", "classic DataLoader", None, False, train_classic)

@@ -41,7 +41,7 @@ def main(argv=None):
     given = {k: v for k, v in vars(build_parser().parse_args(argv)).items() if v is not None}
     first, count, target = given.pop("first_seed"), given.pop("seeds"), given.pop("target")
     seeds = range(first, first + count)
-    cli.show_logs(level=logging.WARNING)  # the runs' lines go to their log files; warnings show here too
+    cli.show_logs(level=logging.WARNING)  # the runs' lines go to their seed-N.log; the screen shows warnings
     results, run_config, device = [], None, None
     try:
         with cli.stop_like_ctrl_c():
@@ -50,11 +50,14 @@ def main(argv=None):
             seconds = sweep.estimate_seconds(run_config, device, count)
             folder = files.RunDir.claim_new(config.RUNS_DIR, f"sweep-{run_config.name}-{files.timestamp()}")
             with_folder(folder, run_config, device, seeds, seconds, results)
-    except UserError as e:
-        cli.fail(cli.message(e), e.exit_code)
     except KeyboardInterrupt:
         report(results, run_config, target, device)
         cli.fail(f"interrupted after {len(results)} of {count} runs", cli.EXIT_INTERRUPTED)
+    except (UserError, FloatingPointError, MemoryError, torch.OutOfMemoryError) as e:  # refused, diverged, no memory
+        report(results, run_config, target, device)  # the finished runs are real measurements
+        text = cli.message(e) if isinstance(e, UserError) else str(e)
+        cli.fail(f"a run stopped after {len(results)} of {count} runs: {text}" if results else text,
+                 getattr(e, "exit_code", cli.EXIT_FAILED))
     report(results, run_config, target, device)
     return cli.EXIT_OK
 

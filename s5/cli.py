@@ -116,18 +116,21 @@ class _Stdout(logging.StreamHandler):
 
 
 def show_logs(speak=True, level=logging.INFO):
-    """What this process shows, decided once: the s5 library's lines on stdout and its warnings on stderr as
-    `warning: ...`, when it speaks (rank 0); errors alone otherwise. Called again, it only changes the level."""
+    """What this process shows, decided once: the s5 library's lines from `level` on stdout and its warnings on
+    stderr as `warning: ...`, when it speaks (rank 0); errors alone otherwise. The logger itself keeps every line
+    for other handlers (a sweep's per-run log). Called again, it only changes the levels."""
     logger = logging.getLogger("s5")
-    logger.setLevel(level if speak else logging.ERROR)
+    logger.setLevel(logging.INFO if speak else logging.ERROR)
     logger.propagate = False
-    if not any(isinstance(h, _Stdout) for h in logger.handlers):
+    out = next((h for h in logger.handlers if isinstance(h, _Stdout)), None)
+    if out is None:
         out, err = _Stdout(), logging.StreamHandler()  # stderr, looked up when the handler is made
         out.addFilter(lambda record: record.levelno < logging.WARNING)
         err.setLevel(logging.WARNING)
         err.setFormatter(logging.Formatter("warning: %(message)s"))
         logger.addHandler(out)
         logger.addHandler(err)
+    out.setLevel(level)
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)  # a job scheduler's or torchrun's stop; a closed terminal
