@@ -105,45 +105,60 @@ def bench(args):
     figures["conv_only_ms_per_batch"] = round(seconds * 1e3, 1)
     print(f"  all convolutions: {seconds * 1e3:.1f} ms a batch, so at most {ceiling:.0f} img/s; the fast path reached "
           f"{figures['train_fast_amp_cl_img_s'] / ceiling:.0%} of that\n")
+    speedups(figures)
+    if args.compile:  # the training step at the fast recipe's batch, eager against compiled
+        figures["compile"] = compile_figures(model, loader(fast.batch_size, True), amp, args.batches)
+    if args.time_to_target:
+        figures.update(time_to_target(args))
+    print(json.dumps({**figures, "cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__,
+                      "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
+                      "batch_size": args.batch_size, "eval_batch_size": data.TEST_BATCH}), flush=True)
+
+
+def speedups(figures):
+    """The fast pipelines against the original one, as ratios of their img/s, added to `figures` and printed."""
     for kind, new, old in [("train", "fast_fp32", "classic_fp32"), ("train", "fast_amp_cl", "classic_fp32"),
                            ("train", "fast_amp_cl", "classic_fp32_kept"), ("eval", "fast_amp_cl", "classic_fp32")]:
         if f"{kind}_{old}_img_s" in figures:  # the kept-memory row is the CPU's alone
             key = f"{kind}_speedup_{new}" + ("_vs_kept" if old.endswith("kept") else "")
             figures[key] = round(figures[f"{kind}_{new}_img_s"] / figures[f"{kind}_{old}_img_s"], 2)
             print(f"{kind} speedup, {new} over {old}: {figures[key]:.2f}x", flush=True)
-    if args.compile:  # the training step at the fast recipe's batch, eager against compiled
-        batches = loader(fast.batch_size, True)
-        try:
-            (eager, eager_warmup), (compiled, compiled_warmup) = [train_throughput(net, batches, amp, args.batches)
-                                                                  for net in (model(True), torch.compile(model(True)))]
-        except Exception as e:  # inductor's errors (no C++ compiler, an unsupported device) have many types
-            cli.fail(f"torch.compile failed here ({(str(e).strip().splitlines() or [type(e).__name__])[0][:200]}): "
-                     "on the CPU it needs a C++ compiler (g++ or clang); leave out --compile", cli.EXIT_FAILED)
-        compiling = max(0.0, compiled_warmup - eager_warmup)  # the compiled model's 3 warm-up steps less eager's
-        saved = fast.batch_size / eager - fast.batch_size / compiled  # seconds a step
-        payback = math.ceil(compiling / saved) if saved > 0 else None
-        figures["compile"] = {"eager_img_s": round(eager, 1), "compiled_img_s": round(compiled, 1),
-                              "compile_seconds": round(compiling, 1), "payback_steps": payback}
-        pays = "never pays back: a compiled step is slower" if payback is None else f"pays back after {payback} steps"
-        print(f"torch.compile at batch {fast.batch_size}: eager {eager:.0f} img/s, compiled {compiled:.0f} img/s after "
-              f"{compiling:.0f} s of compiling; {pays} (a fast run has {fast.epochs * len(batches)})", flush=True)
-    if args.time_to_target:  # train.py's output kept: on Ctrl-C it would print a line of its own
-        with tempfile.TemporaryDirectory() as out:
-            done = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "train.py"), "--recipe",
-                                   "fast", "--no-progress", "--device", args.device, "--data-dir", args.data_dir,
-                                   "--out", out + "/run"], capture_output=True, text=True)
-            if done.returncode:  # its last line is its one-line error (those before, warnings)
-                why = done.stderr.strip().rsplit("\n", 1)[-1].removeprefix("error: ")
-                cli.fail(f"train.py --recipe fast failed: {why}", cli.EXIT_FAILED)
-            with open(out + "/run/metrics.csv") as f:
-                rows = [(float(r["elapsed_seconds"]), float(r["test_acc"])) for r in csv.DictReader(f)]
-        seconds, acc = next(((s, a) for s, a in rows if a >= args.target), (None, None))
-        figures.update(fast_recipe_seconds_to_target=seconds, fast_recipe_acc_at_target=acc, target=args.target,
-                       fast_recipe_final_acc=rows[-1][1], fast_recipe_total_seconds=rows[-1][0])
-        print(f"fast recipe: {args.target}% after {seconds} s (final {rows[-1][1]}% at {rows[-1][0]} s)")
-    print(json.dumps({**figures, "cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__,
-                      "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
-                      "batch_size": args.batch_size, "eval_batch_size": data.TEST_BATCH}), flush=True)
+
+
+def compile_figures(model, batches, amp, n_batches):
+    """Eager against torch.compile (inductor) on the same training step: img/s, compile seconds, payback steps."""
+    fast = config.RECIPES["fast"]
+    try:
+        (eager, eager_warmup), (compiled, compiled_warmup) = [train_throughput(net, batches, amp, n_batches)
+                                                              for net in (model(True), torch.compile(model(True)))]
+    except Exception as e:  # inductor's errors (no C++ compiler, an unsupported device) have many types
+        cli.fail(f"torch.compile failed here ({errors.first_line(e)}): on the CPU it needs a C++ compiler (g++ or "
+                 "clang); leave out --compile", cli.EXIT_FAILED)
+    compiling = max(0.0, compiled_warmup - eager_warmup)  # the compiled model's 3 warm-up steps less eager's
+    saved = fast.batch_size / eager - fast.batch_size / compiled  # seconds a step
+    payback = math.ceil(compiling / saved) if saved > 0 else None
+    pays = "never pays back: a compiled step is slower" if payback is None else f"pays back after {payback} steps"
+    print(f"torch.compile at batch {fast.batch_size}: eager {eager:.0f} img/s, compiled {compiled:.0f} img/s after "
+          f"{compiling:.0f} s of compiling; {pays} (a fast run has {fast.epochs * len(batches)})", flush=True)
+    return {"eager_img_s": round(eager, 1), "compiled_img_s": round(compiled, 1),
+            "compile_seconds": round(compiling, 1), "payback_steps": payback}
+
+
+def time_to_target(args):
+    """train.py --recipe fast, timed to --target from its metrics.csv (its output kept: on Ctrl-C only we speak)."""
+    with tempfile.TemporaryDirectory() as out:
+        done = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "train.py"), "--recipe",
+                               "fast", "--no-progress", "--device", args.device, "--data-dir", args.data_dir,
+                               "--out", out + "/run"], capture_output=True, text=True)
+        if done.returncode:  # its last line is its one-line error (those before, warnings)
+            why = done.stderr.strip().rsplit("\n", 1)[-1].removeprefix("error: ")
+            cli.fail(f"train.py --recipe fast failed: {why}", cli.EXIT_FAILED)
+        with open(out + "/run/metrics.csv") as f:
+            rows = [(float(r["elapsed_seconds"]), float(r["test_acc"])) for r in csv.DictReader(f)]
+    seconds, acc = next(((s, a) for s, a in rows if a >= args.target), (None, None))
+    print(f"fast recipe: {args.target}% after {seconds} s (final {rows[-1][1]}% at {rows[-1][0]} s)")
+    return dict(fast_recipe_seconds_to_target=seconds, fast_recipe_acc_at_target=acc, target=args.target,
+                fast_recipe_final_acc=rows[-1][1], fast_recipe_total_seconds=rows[-1][0])
 
 
 def main(argv=None):

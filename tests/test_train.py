@@ -338,7 +338,7 @@ def test_resume_on_another_machine_asks_for_what_moved(finished_run, tmp_path, m
     torch.save(state, run / "last.pt")
     if not torch.cuda.is_available():
         assert_one_line_error(main_in_process(capsys, "--resume", run / "last.pt", "--data-dir", mnist_root), 2,
-                              "--device: device 'cuda' asked for, but this machine has cpu only")
+                              "--device: 'cuda' asked for, but this machine has cpu only")
     done = main_in_process(capsys, "--resume", run / "last.pt", "--device", "cpu")
     assert_one_line_error(done, 2, f"the run's data folder {tmp_path / 'gone'} is gone: give --data-dir")
     assert not (tmp_path / "gone").exists()  # not re-created where the old machine had it
