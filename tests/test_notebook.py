@@ -1,5 +1,6 @@
 """S5.ipynb executed top to bottom, headless, as a user would run it (small settings via S5_* variables)."""
 import os
+import subprocess
 
 import nbformat
 import pytest
@@ -63,3 +64,53 @@ def test_committed_notebook_carries_one_real_run():
     images = sum("image/png" in o.get("data", {}) for c in code for o in c.outputs)
     assert images >= 6  # sample grid, two curve figures, confusion matrix, mistakes, your digits
     assert (REPO / "S5.ipynb").stat().st_size < 1_000_000
+
+
+COLAB_STAND_IN = ("import sys, types\n"  # what Colab's kernel has and a local one has not
+                  "sys.modules['google'] = types.ModuleType('google')\n"
+                  "sys.modules['google.colab'] = types.ModuleType('google.colab')\n")
+
+
+def colab_copy(nb, cells=None):
+    """The notebook as Colab runs it: a kernel with google.colab imported, no outputs; `cells` code cells only."""
+    code = [c for c in nb.cells if c.cell_type == "code"][:cells]
+    for cell in code:
+        cell.outputs, cell.execution_count = [], None
+    nb.cells = [nbformat.v4.new_code_cell(COLAB_STAND_IN), *code]
+    return nb
+
+
+def test_on_colab_the_first_cell_clones_the_repo_and_the_notebook_runs_from_it(mnist_root, tmp_path, monkeypatch):
+    """Colab, by simulation: an empty folder, S5_REPO_URL at a clone of this repo; the first cell clones it, finds
+    or installs torchsummary, moves into it, and the rest of the notebook runs there on a small budget."""
+    origin = tmp_path / "origin" / "s5-mnist.git"
+    subprocess.run(["git", "clone", "--quiet", "--no-hardlinks", str(REPO), str(origin)], check=True)
+    colab, digits = tmp_path / "content", tmp_path / "digits"  # Colab's working folder: nothing of the repo in it
+    colab.mkdir()
+    digits.mkdir()
+    monkeypatch.setenv("S5_REPO_URL", str(origin))
+    for name, value in {"S5_RECIPE": "fast", "S5_EPOCHS": "1", "S5_TRAIN_SUBSET": "1024", "S5_PROGRESS": "0",
+                        "S5_DEMO": "0", "S5_DATA_DIR": str(mnist_root), "S5_MY_DIGITS": str(digits)}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("PYTHONPATH", raising=False)  # the clone's files, not this checkout's, are imported
+    monkeypatch.delenv("MPLBACKEND", raising=False)
+    monkeypatch.chdir(colab)
+    nb = colab_copy(nbformat.read(REPO / "S5.ipynb", as_version=4))
+    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(colab)}}).execute()
+
+    clone = colab / "s5-mnist"
+    assert (clone / "model.py").is_file() and (clone / ".git").is_dir()
+    assert "Total params: 593,200" in outputs_text(nb) and "Test set: Average loss:" in outputs_text(nb)
+    assert (clone / "runs" / "notebook" / "model.pt").is_file()  # the notebook ran inside the clone
+    assert sorted(p.name for p in colab.iterdir()) == ["s5-mnist"]
+
+
+def test_on_colab_without_repo_url_the_first_cell_says_what_to_set(tmp_path, monkeypatch):
+    monkeypatch.delenv("S5_REPO_URL", raising=False)
+    monkeypatch.chdir(tmp_path)
+    nb = colab_copy(nbformat.read(REPO / "S5.ipynb", as_version=4), cells=1)
+    NotebookClient(nb, timeout=120, kernel_name="python3", allow_errors=True,
+                   resources={"metadata": {"path": str(tmp_path)}}).execute()
+    said = "\n".join(str(o.get("evalue", "")) + o.get("text", "") for o in nb.cells[-1].outputs)
+    assert "Set REPO_URL above to the git URL of this repo" in said
+    assert list(tmp_path.iterdir()) == []  # nothing cloned, nothing installed
