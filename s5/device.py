@@ -28,23 +28,17 @@ def as_device(device):
         raise ConfigError("device", f"unknown device {device!r}: use cpu, cuda, cuda:N, mps, xpu or auto") from None
 
 
-def accelerator():
-    """This machine's accelerator type ("cuda", "mps", "xpu", ...) or None, as torch.accelerator sees it."""
-    return getattr(torch.accelerator.current_accelerator(check_available=True), "type", None)
-
-
 def get_device(name=None):
-    """None or "auto": the accelerator, else the CPU; else `name`, checked: ConfigError saying what the machine has."""
+    """None or "auto": the accelerator torch.accelerator finds, else the CPU; else `name` if this machine has it."""
+    kind = getattr(torch.accelerator.current_accelerator(check_available=True), "type", None)
     if name is None or name == "auto":
-        return torch.device(accelerator() or "cpu")
-    device, kind = as_device(name), accelerator()
-    count = torch.accelerator.device_count() if kind else 0
+        return torch.device(kind or "cpu")
+    device, count = as_device(name), torch.accelerator.device_count() if kind else 0
     if device.type == "cpu" or device.type == kind and (device.index or 0) < count:
         return device
-    has = (f"cpu and {count} {kind} devices ({kind}:0 to {kind}:{count - 1})" if count > 1 else
-           f"cpu and one {kind} device ({kind})" if kind else "cpu only")
-    use = "one of those" if device.type == kind else f"{kind or 'cpu'} or auto"
-    raise ConfigError("device", f"{name!r} asked for, but this machine has {has}: use {use}")
+    has = (f"cpu and {count} {kind} devices ({kind}:0 to {kind}:{count - 1}): use one of those" if count > 1 else
+           f"cpu and one {kind} device ({kind}): use it" if kind else "cpu only: use cpu")
+    raise ConfigError("device", f"{name!r} asked for, but this machine has {has} or auto")
 
 
 def channels_last_for(device, channels_last=None):
@@ -99,7 +93,6 @@ def out_of_memory_typed():
     try:
         yield
     except RuntimeError as e:
-        marker = "DefaultCPUAllocator: can't allocate memory"
-        if type(e) is not RuntimeError or marker not in str(e):
+        if type(e) is not RuntimeError or "DefaultCPUAllocator: can't allocate memory" not in str(e):
             raise
-        raise torch.OutOfMemoryError(str(e).split(marker)[-1].strip(": ")) from e
+        raise torch.OutOfMemoryError(str(e)) from e

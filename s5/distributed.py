@@ -69,13 +69,8 @@ def context_from_env():
     return Context(rank, world_size, local_rank)
 
 
-def join_timeout():
-    seconds = _env("S5_JOIN_TIMEOUT_S", Field(float, 0, 86400, above=True), JOIN_TIMEOUT_S, "fix or unset it")
-    return timedelta(seconds=seconds)
-
-
 def setup(ctx, device):
-    """Join `ctx`'s group within join_timeout(), else LaunchError; the device to train on (CUDA: LOCAL_RANK's GPU)."""
+    """Join `ctx`'s group (within S5_JOIN_TIMEOUT_S, else LaunchError); the device to train on (CUDA: LOCAL_RANK's)."""
     if not ctx.active:
         return device
     if device.type == "cuda":
@@ -84,17 +79,16 @@ def setup(ctx, device):
                               ": start at most one process per GPU, or train on the CPU")
         torch.cuda.set_device(ctx.local_rank)
         device = torch.device("cuda", ctx.local_rank)
-    if not dist.is_initialized():
-        addr, port, wait = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), join_timeout()
-        hosts = ctx.rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"  # or torchrun's agent
-        try:
-            store = dist.TCPStore(addr, port, ctx.world_size, is_master=hosts, timeout=wait, wait_for_workers=True)
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=ctx.rank,
-                                    world_size=ctx.world_size, timeout=TIMEOUT)
-        except (RuntimeError, OSError, ValueError) as e:  # DistStoreError, DistNetworkError are RuntimeErrors
-            raise LaunchError(f"process {ctx.rank} of {ctx.world_size} could not join the group at {addr}:{port} "
-                              f"within {wait.total_seconds():g} s ({first_line(e)}): start every process with "
-                              "torchrun, with the same MASTER_ADDR and MASTER_PORT") from None
+    wait = _env("S5_JOIN_TIMEOUT_S", Field(float, 0, 86400, above=True), JOIN_TIMEOUT_S, "fix or unset it")
+    try:  # the processes meet within `wait`; the group's collectives then wait TIMEOUT at most
+        store = next(dist.rendezvous("env://", timeout=timedelta(seconds=wait)))[0]
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=ctx.rank,
+                                world_size=ctx.world_size, timeout=TIMEOUT)
+    except (RuntimeError, OSError, ValueError) as e:  # DistStoreError, DistNetworkError are RuntimeErrors
+        where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+        raise LaunchError(f"process {ctx.rank} of {ctx.world_size} could not join the group at {where} within "
+                          f"{wait:g} s ({first_line(e)}): start every process with torchrun, with the same "
+                          "MASTER_ADDR and MASTER_PORT") from None
     return device
 
 
@@ -102,7 +96,7 @@ def all_sum(ctx, *tensors):
     """Each tensor summed over all processes, in place; returns them."""
     if ctx.active:
         for t in tensors:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            dist.all_reduce(t)  # ReduceOp.SUM
     return tensors
 
 
@@ -115,8 +109,8 @@ def broadcast(ctx, value):
 
 
 def same_on_every_rank(ctx, tensors):
-    """Whether every process holds the same tensors, by two float64 sums (of the values and of their magnitudes):
-    a cheap test that catches processes drifting apart, not a proof of bit-identity."""
+    """Whether every process holds the same tensors, by float64 sums of their values and magnitudes: a cheap test
+    for processes drifting apart, not a proof of bit-identity."""
     if not ctx.active:
         return True
     digest = torch.stack([t.detach().double().abs().sum() + t.detach().double().sum() for t in tensors])
@@ -144,8 +138,7 @@ def share_weighted(ctx, loss_fn):
     def weighted(output, target):
         n_global = all_sum(ctx, torch.tensor(len(target), device=output.device))[0]
         loss = loss_fn(output, target) if len(target) else output.sum() * 0.0
-        if loss.requires_grad:
-            loss.register_hook(lambda grad: grad * (len(target) * ctx.world_size / n_global))
+        loss.register_hook(lambda grad: grad * (len(target) * ctx.world_size / n_global))
         return loss
     return weighted
 

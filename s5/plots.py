@@ -1,6 +1,5 @@
 """Figures: the sample grid, the loss/accuracy curves, the confusion matrix, the mistakes, your predictions. Each
-returns a matplotlib Figure (Jupyter shows it inline) and, given `save_path`, also writes it as a PNG atomically.
-"""
+returns a matplotlib Figure (Jupyter shows it inline) and, given `save_path`, also writes it as a PNG atomically."""
 
 import contextlib
 import io
@@ -61,8 +60,7 @@ def post_accuracyplots(train_losses, test_losses, train_acc, test_acc, save_path
 
 
 def plot_training(steps, test_losses, test_acc, save_path=None, *, evaluated_on="test"):
-    """Loss and accuracy every few batches (lines: `steps`, a history's STEP_RECORD lists) and after each epoch (dots),
-    and the learning rate, on a fractional-epoch axis."""
+    """Loss and accuracy every few batches (`steps`: a history's step lists) and each epoch's (dots); the lr."""
     fig, axs = plt.subplots(1, 3, figsize=(16, 4.5))
     x, epochs = steps["step_epoch"], range(1, len(test_acc) + 1)
     for ax, key, test, title, unit in ((axs[0], "step_train_loss", test_losses, "Loss", "loss"),

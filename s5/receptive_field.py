@@ -11,7 +11,8 @@ _SPATIAL_OPS = {F.conv2d: "conv", F.max_pool2d: "max-pool", F.avg_pool2d: "avg-p
 
 
 class _SpatialOpRecorder(TorchFunctionMode):
-    """Appends each conv/pool call of a forward pass to `ops`: its kernel, stride, padding, dilation, output shape."""
+    """Appends each conv/pool call of a forward pass to `ops`: its layer (a Conv2d's name in `names`, by its weight),
+    kernel, stride, padding, dilation and output shape."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -20,7 +21,7 @@ class _SpatialOpRecorder(TorchFunctionMode):
             names = ("input", "weight", "bias") if conv else ("input", "kernel_size")
             p = dict(zip((*names, "stride", "padding", "dilation"), args), **(kwargs or {}))
             kernel = side(p["weight"].shape[-1] if conv else p["kernel_size"])
-            self.ops.append(dict(layer=self.module if conv else _SPATIAL_OPS[func], kernel=kernel,
+            self.ops.append(dict(layer=self.names.get(id(p.get("weight")), _SPATIAL_OPS[func]), kernel=kernel,
                                  stride=side(p.get("stride") or (1 if conv else kernel)),
                                  padding=side(p.get("padding", 0)), dilation=side(p.get("dilation", 1)),
                                  out=tuple(out.shape[1:])))
@@ -32,9 +33,8 @@ def receptive_field(model, input_shape=(1, 28, 28), verbose=True):
     model's device (nothing hard-coded): a list of row dicts, also logged as a table when verbose. For Net: RF 3,
     5, 6, 10, 14, 16."""
     recorder = _SpatialOpRecorder()
-    recorder.ops, recorder.module = [], None  # module: the Conv2d running now
-    hooks = [m.register_forward_pre_hook(lambda mod, inp, name=name: setattr(recorder, "module", name))
-             for name, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    recorder.ops = []
+    recorder.names = {id(m.weight): name for name, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)}
     was_training = model.training
     try:
         model.eval()
@@ -42,8 +42,6 @@ def receptive_field(model, input_shape=(1, 28, 28), verbose=True):
             model(torch.zeros(1, *input_shape, device=next(model.parameters()).device))
     finally:
         model.train(was_training)
-        for h in hooks:
-            h.remove()
     rows, jump, rf = [], 1, 1
     for op in recorder.ops:
         rf += (op["kernel"] - 1) * op["dilation"] * jump

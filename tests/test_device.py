@@ -8,7 +8,7 @@ import torch
 from conftest import REPO
 
 from model import Net
-from s5.device import amp_dtype_for, channels_last_for, get_device, pins_memory, set_seed
+from s5.device import amp_dtype_for, channels_last_for, get_device, out_of_memory_typed, pins_memory, set_seed
 
 
 def test_amp_dtype_choice():
@@ -94,6 +94,14 @@ def test_auto_takes_the_accelerator_pytorch_reports(monkeypatch, kind):
         get_device(other)
 
 
+def test_one_accelerator_is_named_without_an_index(monkeypatch):
+    pretend_accelerator(monkeypatch, "cuda", 1)
+    assert get_device("cuda:0") == torch.device("cuda", 0)
+    with pytest.raises(ValueError, match=r"'cuda:1' asked for, but this machine has cpu and one cuda device \(cuda\): "
+                                         "use it or auto"):
+        get_device("cuda:1")
+
+
 @pytest.mark.parametrize("name", ["tpu", "garbage", "cuda:-1"])
 def test_unknown_device_names_are_one_line(name):
     with pytest.raises(ValueError) as err:
@@ -107,3 +115,11 @@ def test_precision_and_layout_per_device_type():
     assert [channels_last_for(d) for d in ("cpu", "cuda", "mps", "xpu")] == [True, True, False, False]
     assert channels_last_for("mps", True) and not channels_last_for("cpu", False)
     assert [pins_memory(d) for d in ("cpu", "cuda", "mps", "xpu")] == [False, True, False, True]
+
+
+def test_the_cpu_allocator_failure_is_an_out_of_memory_error():
+    with pytest.raises(torch.OutOfMemoryError, match="you tried to allocate"), out_of_memory_typed():
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 bytes")
+    with pytest.raises(RuntimeError, match="^other$") as other, out_of_memory_typed():
+        raise RuntimeError("other")
+    assert type(other.value) is RuntimeError

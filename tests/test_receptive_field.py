@@ -18,3 +18,4 @@ def test_receptive_field_is_computed_not_hard_coded():
                                 torch.nn.Conv2d(4, 4, 3, dilation=2))
     rows = receptive_field(model, verbose=False)
     assert [(r["rf"], r["jump"]) for r in rows] == [(5, 2), (9, 2), (17, 2)]
+    assert [r["layer"] for r in rows] == ["0", "max-pool", "2"]  # a Conv2d by its name, a pool by its kind
