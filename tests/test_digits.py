@@ -1,5 +1,10 @@
 
 import io
+import os
+import signal
+import struct
+import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -10,8 +15,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from model import Net
 from s5.data import MEAN, STD
-from s5.digits import ImageInputError, load_digit, predict_digits, preprocess_digit
+from s5.digits import ImageInputError, load_digit, open_image, predict_digits, preprocess_digit
 from s5.plots import plot_predictions
 
 BACKGROUND = -MEAN / STD
@@ -243,3 +249,42 @@ def test_empty_path_is_an_error_not_the_current_folder(trained, tmp_path, monkey
     monkeypatch.chdir(tmp_path)
     [result] = predict_digits(model, "")
     assert result["error"].startswith("the path is empty")
+
+
+def test_fifos_and_device_files_are_named_and_never_opened(tmp_path):
+    os.mkfifo(tmp_path / "pipe.png")  # no writer: opening it would wait for ever
+    previous = signal.signal(signal.SIGALRM, lambda *_: pytest.fail("the FIFO was opened and blocked"))
+    signal.alarm(20)
+    try:
+        results = predict_digits(Net(), [tmp_path / "pipe.png", "/dev/null", tmp_path])
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert [r["error"] for r in results] == ["it is a FIFO (named pipe), not an image file",
+                                             "it is a device file, not an image file",
+                                             "it is a FIFO (named pipe), not an image file"]
+    with pytest.raises(ImageInputError, match="it is a folder, not an image file"):
+        open_image(tmp_path)
+
+
+def png_declaring(width, height):
+    """A 1x1 PNG whose header says width x height: a few bytes on disk, a decompression bomb to PIL."""
+    buffer = io.BytesIO()
+    Image.new("1", (1, 1)).save(buffer, format="PNG")
+    data = bytearray(buffer.getvalue())
+    data[16:24] = struct.pack(">II", width, height)  # IHDR's width and height, then its CRC
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    return bytes(data)
+
+
+@pytest.mark.parametrize("side", [6000, 12000, 20000])  # below PIL's warning, above it, above its error
+def test_our_pixel_limit_speaks_before_pils(tmp_path, side):
+    path = tmp_path / "big.png"
+    path.write_bytes(png_declaring(side, side))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for read, source in ((load_digit, path), (open_image, path.read_bytes())):  # predict's files, the demo's bytes
+            with pytest.raises(ImageInputError, match="over the 25,000,000-pixel limit: scale it down first"):
+                read(source)
+    assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
+    assert ("ignore", None, Image.DecompressionBombWarning, None, 0) not in warnings.filters  # none left behind
