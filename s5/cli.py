@@ -1,9 +1,7 @@
-"""What the command-line entry points share: flags made from the configuration's fields, one way to fail, what is
-shown (rank 0 speaks), and signals that stop a program as Ctrl-C does.
-
-Exit codes, the same for every entry point: 0 done; 1 the run failed part-way (diverged, could not write) or
-some inputs could not be used (predict.py); 2 a usage or data error, found before any work; 130 interrupted.
-"""
+"""What the entry points share: flags made from the configuration's fields, one-line errors, what is shown (rank 0
+speaks), signals that stop a program as Ctrl-C does, and exit codes: 0 done; 1 the run failed part-way (diverged,
+could not write) or some inputs could not be used (predict.py); 2 a usage or data error, found before any work; 130
+interrupted."""
 
 import argparse
 import contextlib
@@ -16,12 +14,10 @@ import torch
 from s5.config import FIELDS, Field
 from s5.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, ConfigError  # noqa: F401 (re-exported)
 
-FLAG_OF = {"name": "--recipe"}  # fields whose flag is not --field-name
-
 
 def flag(field):
-    """The command-line flag of a configuration field: batch_size -> --batch-size."""
-    return FLAG_OF.get(field, "--" + field.replace("_", "-"))
+    """The command-line flag of a configuration field: batch_size -> --batch-size; name -> --recipe."""
+    return "--recipe" if field == "name" else "--" + field.replace("_", "-")
 
 
 def typed(name, field):
@@ -31,23 +27,22 @@ def typed(name, field):
             return field.parse(name, text)
         except ConfigError as e:
             raise argparse.ArgumentTypeError(e.reason) from None
-    parse.__name__ = field.kind.__name__
     return parse
 
 
+def whole_number(low, high=None):
+    """An argparse type for a whole number from `low` (to `high`): a flag that is no configuration field."""
+    return typed("number", Field(int, low, high))
+
+
 def add_flags(parser, names, defaults=None):
-    """A flag for each configuration field in `names`, with its type, range and help from FIELDS; `defaults`
-    (field: value) are shown in the help, as the run will take them."""
+    """A flag for each field in `names`, its type, range and help from FIELDS; `defaults` (field: value) shown."""
     for name in names:
         field, default = FIELDS[name], (defaults or {}).get(name)
+        how = {"action": argparse.BooleanOptionalAction} if field.kind is bool else \
+            {"choices": field.choices or None, "type": None if field.kind is str else typed(name, field)}
         shown = f" (default: {default})" if default is not None else ""
-        if field.kind is bool:
-            parser.add_argument(flag(name), dest=name, action=argparse.BooleanOptionalAction, help=field.help + shown)
-        elif field.choices:
-            parser.add_argument(flag(name), dest=name, choices=field.choices, help=field.help + shown)
-        else:
-            parser.add_argument(flag(name), dest=name, type=typed(name, field) if field.kind is not str else None,
-                                help=field.help + shown)
+        parser.add_argument(flag(name), dest=name, help=field.help + shown, **how)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -55,14 +50,6 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         fail(f"{message} (see {self.prog} --help)")
-
-
-def message(error):
-    """A UserError in the command line's words: a field's flag first, an output folder's remedy last."""
-    if isinstance(error, ConfigError):
-        return f"argument {flag(error.field)}: {error.reason}"
-    advice = OUT_ADVICE.get(getattr(error, "kind", None))
-    return f"{error}: {advice.format(path=error.path)}" if advice else str(error)
 
 
 def fail(text, code=EXIT_USAGE, speak=True):
@@ -85,73 +72,62 @@ OUT_ADVICE = {
 }
 
 
+def message(error):
+    """A UserError in the command line's words: a field's flag first, an output folder's remedy last."""
+    if isinstance(error, ConfigError):
+        return f"argument {flag(error.field)}: {error.reason}"
+    advice = OUT_ADVICE.get(getattr(error, "kind", None))
+    return f"{error}: {advice.format(path=error.path)}" if advice else str(error)
+
+
 def stopped_message(error, run):
     """(one line, exit code) for a run that ended early with `error`: what was kept, and how to go on."""
     last = run.last_checkpoint
-    if last is not None:
-        hint = f"; the last finished epoch is safe in {last}: continue with python train.py --resume {last}"
-    else:
-        hint = f" before the first epoch ended, so nothing was saved: run again (--out {run.folder} can be reused)"
+    kept = (f"; the last finished epoch is safe in {last}: continue with python train.py --resume {last}" if last else
+            f" before the first epoch ended, so nothing was saved: run again (--out {run.folder} can be reused)")
     if isinstance(error, KeyboardInterrupt):
-        return f"interrupted{hint}", EXIT_INTERRUPTED
+        return "interrupted" + kept, EXIT_INTERRUPTED
     if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
         other = "" if run.device.type == "cpu" else " (or --device cpu, where memory is larger)"
-        return (f"out of memory on {run.device} with batch size {run.config.recipe.batch_size}: try a smaller "
-                f"--batch-size{other}{hint}"), EXIT_FAILED
-    if isinstance(error, FloatingPointError):  # loop.TrainingDivergedError
-        return f"{error} (try a new run with --lr below {run.config.recipe.lr:g}){hint}", EXIT_FAILED
-    return f"{error}{hint}", EXIT_FAILED
+        error = f"out of memory on {run.device} with batch size {run.config.recipe.batch_size}: try a smaller " \
+                f"--batch-size{other}"
+    elif isinstance(error, FloatingPointError):  # loop.TrainingDivergedError
+        error = f"{error} (try a new run with --lr below {run.config.recipe.lr:g})"
+    return f"{error}{kept}", EXIT_FAILED
 
 
-class _Stdout(logging.StreamHandler):
-    """Log lines to whatever sys.stdout is when they are written (a notebook's cell, pytest's capture)."""
+class _Screen(logging.StreamHandler):
+    """Log lines on whatever sys.stdout is when they are written (a notebook's cell, pytest's capture); warnings and
+    errors on sys.stderr, as `warning: ...`."""
 
-    @property
-    def stream(self):
-        return sys.stdout
+    def emit(self, record):
+        self.stream = sys.stderr if record.levelno >= logging.WARNING else sys.stdout
+        super().emit(record)
 
-    @stream.setter
-    def stream(self, value):
-        pass
+    def format(self, record):
+        return ("warning: " if record.levelno >= logging.WARNING else "") + super().format(record)
 
 
 def show_logs(speak=True, level=logging.INFO):
-    """What this process shows, decided once: the s5 library's lines from `level` on stdout and its warnings on
-    stderr as `warning: ...`, when it speaks (rank 0); errors alone otherwise. The logger itself keeps every line
-    for other handlers (a sweep's per-run log). Called again, it only changes the levels."""
+    """Show the s5 library's lines from `level` (INFO or WARNING) when this process speaks (rank 0), else errors alone.
+    The logger keeps every line for other handlers (a sweep's per-run log); called again, only the levels change."""
     logger = logging.getLogger("s5")
     logger.setLevel(logging.INFO if speak else logging.ERROR)
     logger.propagate = False
-    out = next((h for h in logger.handlers if isinstance(h, _Stdout)), None)
-    if out is None:
-        out, err = _Stdout(), logging.StreamHandler()  # stderr, looked up when the handler is made
-        out.addFilter(lambda record: record.levelno < logging.WARNING)
-        err.setLevel(logging.WARNING)
-        err.setFormatter(logging.Formatter("warning: %(message)s"))
-        logger.addHandler(out)
-        logger.addHandler(err)
-    out.setLevel(level)
-
-
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)  # a job scheduler's or torchrun's stop; a closed terminal
+    screen = next((h for h in logger.handlers if isinstance(h, _Screen)), None)
+    if screen is None:
+        screen = _Screen()
+        logger.addHandler(screen)
+    screen.setLevel(level)
 
 
 @contextlib.contextmanager
-def stop_like_ctrl_c():
-    """Within the block, SIGTERM and SIGHUP stop this process as Ctrl-C does (a KeyboardInterrupt), so every entry
-    point ends them cleanly, with its one line and exit code 130; the previous handlers come back after it."""
-    previous = {sig: signal.signal(sig, _interrupt) for sig in STOP_SIGNALS}
+def stop_like_ctrl_c(signals=(signal.SIGINT, signal.SIGTERM, signal.SIGHUP)):
+    """Within the block, Ctrl-C, SIGTERM and SIGHUP (a job scheduler's or torchrun's stop; a closed terminal) raise
+    a KeyboardInterrupt, whatever handled them before: every entry point ends them with its one line and exit 130."""
+    previous = {sig: signal.signal(sig, signal.default_int_handler) for sig in signals}
     try:
         yield
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
-def whole_number(low, high=None):
-    """An argparse type for a whole number from `low` (to `high`): a flag that is no configuration field."""
-    return typed("number", Field(int, low, high))

@@ -1,12 +1,9 @@
-"""A run's configuration: every setting defined once (type, range, help), checked once, saved whole in checkpoints.
-
-`FIELDS` is the one place a setting's range and help are written: `Recipe` and `RunConfig` check themselves with
-it, the classic `utils` functions their arguments, and the entry points make their flags from it. A checkpoint
-holds `to_dict()`, read back as strictly by `from_dict`. Below this boundary, code trusts its values.
-"""
+"""A run's configuration: every setting defined once in `FIELDS` (type, range, help: the flags are made from it),
+checked once (`Field.check`), saved whole in checkpoints. Below this boundary, code trusts its values."""
 
 import math
 import os
+import reprlib
 from dataclasses import asdict, dataclass, fields, replace
 
 from s5.data import AUGMENTATIONS
@@ -19,7 +16,7 @@ TRAIN_IMAGES = 60_000  # in MNIST's training split: the most a subset or a valid
 
 @dataclass(frozen=True)
 class Field:
-    """One setting: its type (int, float, bool, str), its range or choices, whether None is allowed, its help."""
+    """One setting: its type (int, float, bool, str, ...), its range or choices, whether None is allowed, its help."""
     kind: type
     low: float | None = None
     high: float | None = None
@@ -33,96 +30,75 @@ class Field:
         """What the setting takes, in words: "1 to 60000", "a number above 0", "one of SGD, Adam, AdamW"."""
         if self.choices:
             return "one of " + ", ".join(map(str, self.choices))
-        if self.kind not in (int, float):
-            return {bool: "true or false", str: "a non-empty name"}.get(self.kind, f"a {self.kind.__name__}")
         if self.kind is int:
             return f"{self.low} or more" if self.high is None else f"{self.low} to {self.high}"
-        low = f"{'above' if self.above else 'at least'} {self.low:g}"
-        return f"a number {low}" + ("" if self.high is None else f" and {'below' if self.below else 'at most'} "
-                                                                f"{self.high:g}")
+        if self.kind is not float:
+            return {bool: "true or false", str: "a non-empty name"}.get(self.kind, f"a {self.kind.__name__}")
+        low = f"a number {'above' if self.above else 'at least'} {self.low:g}"
+        return low if self.high is None else f"{low} and {'below' if self.below else 'at most'} {self.high:g}"
 
-    def check(self, name, value):
-        """`value`, if this field can hold it; ConfigError naming `name`, the value and what is allowed if not."""
+    def check(self, name, value, shown=None):
+        """`value` if this field can hold it, else ConfigError naming `name`, the value (as `shown`) and the range."""
         if value is None and self.none:
             return value
+        number = self.kind in (int, float) and not self.choices
         if self.choices:
-            if value not in self.choices:
-                raise ConfigError(name, f"{_shown(value)} is not {self.allowed()}")
-            return value
-        numeric = self.kind in (int, float)
-        if numeric:
-            ok = not isinstance(value, bool) and isinstance(value, int if self.kind is int else (int, float))
+            ok = value in self.choices
+        elif number:
+            ok = isinstance(value, int if self.kind is int else (int, float)) and not isinstance(value, bool)
         else:
-            ok = isinstance(value, self.kind) and (self.kind is not str or (value != "" and "\0" not in value))
-        if not ok:
-            what = "a whole number" if self.kind is int else self.allowed()
-            raise ConfigError(name, f"{_shown(value)} is not {what}")
-        if numeric and not (math.isfinite(value) and (value > self.low if self.above else value >= self.low) and
-                            (self.high is None or (value < self.high if self.below else value <= self.high))):
-            raise ConfigError(name, f"{value!r} is out of range: give {self.allowed()}")
+            ok = isinstance(value, self.kind) and (self.kind is not str or value != "" and "\0" not in value)
+        if not ok:  # (reprlib: a crafted file's value may be huge, the error stays one short line)
+            raise ConfigError(name, f"{reprlib.repr(value)} is not "
+                                    f"{'a whole number' if number and self.kind is int else self.allowed()}")
+        if number and not (-math.inf < value < math.inf and (value > self.low if self.above else value >= self.low)
+                           and (self.high is None or (value < self.high if self.below else value <= self.high))):
+            raise ConfigError(name, f"{shown or reprlib.repr(value)} is out of range: give {self.allowed()}")
         return value
 
     def parse(self, name, text):
-        """`text` (a flag's, an environment variable's) as this number field's value, checked; an error quotes
-        the text as it was typed."""
+        """`text` (a flag's, an environment variable's) as this field's value, checked; an error quotes the text."""
         try:
             value = self.kind(text)
         except ValueError:
-            raise ConfigError(name, f"{text!r} is not {'a whole number' if self.kind is int else 'a number'}") \
-                from None
-        try:
-            return self.check(name, value)
-        except ConfigError:
-            raise ConfigError(name, f"{text} is out of range: give {self.allowed()}") from None
+            raise ConfigError(name, f"{text!r} is not {'a whole number' if self.kind is int else 'a number'}") from None
+        return self.check(name, value, text)
 
 
-def _shown(value):
-    text = repr(value)  # a crafted file's value may be huge: the error stays one short line
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-OPTIMIZERS, SCHEDULERS, LOADERS = ("SGD", "Adam", "AdamW"), ("StepLR", "OneCycleLR"), ("fast", "classic")
 FIELDS = {
     # a recipe's
-    "name": Field(str, help="the recipe: seed = the original notebook; fast = AdamW one-cycle, 2 epochs; one-epoch "
-                  "= fast for 1 epoch at batch 64 on rotated, scaled, sheared, shifted digits; best = fast for 20 "
-                  "epochs on those digits"),
+    "name": Field(str, help="the recipe: seed = the original notebook; fast = AdamW one-cycle, 2 epochs; one-epoch = "
+                  "fast on rotated, scaled, sheared, shifted digits, 1 epoch at batch 64; best = the same, 20 epochs"),
     "epochs": Field(int, 1, help="epochs"),
     "batch_size": Field(int, 1, TRAIN_IMAGES, help="batch size (global: over all processes)"),
     "lr": Field(float, 0, above=True, help="learning rate; the peak for one-cycle"),
-    "optimizer": Field(str, choices=OPTIMIZERS, help="optimizer"),
+    "optimizer": Field(str, choices=("SGD", "Adam", "AdamW"), help="optimizer"),
     "momentum": Field(float, 0, 1, below=True, help="SGD's momentum; Adam's and AdamW's first beta"),
     "weight_decay": Field(float, 0, help="weight decay"),
     "nesterov": Field(bool, help="Nesterov momentum (SGD)"),
-    "scheduler": Field(str, choices=SCHEDULERS, help="StepLR every epoch, or OneCycleLR every batch"),
+    "scheduler": Field(str, choices=("StepLR", "OneCycleLR"), help="StepLR every epoch, or OneCycleLR every batch"),
     "step_size": Field(int, 1, help="StepLR: epochs between learning-rate drops"),
     "gamma": Field(float, 0, above=True, help="StepLR: factor of each drop"),
     "pct_start": Field(float, 0, 1, above=True, below=True, help="one-cycle: share of the steps warming up"),
     "label_smoothing": Field(float, 0, 1, below=True, help="label smoothing of the training loss"),
-    "augment": Field(str, choices=tuple(AUGMENTATIONS), help="training augmentation: classic = the original's "
-                     "rotation and zoom; affine = rotation, scale, shear and shift; elastic = affine plus Simard's "
-                     "elastic distortion"),
+    "augment": Field(str, choices=tuple(AUGMENTATIONS), help="training augmentation: classic = the original's rotation "
+                     "and zoom; affine = rotation, scale, shear, shift; elastic = affine plus Simard's distortion"),
     "tta": Field(bool, help="evaluate each image with its four one-pixel shifts, averaged"),
     # a run's
     "seed": Field(int, 0, 2**32 - 1, help="seed for weights, shuffling, augmentation and the validation split"),
-    "train_subset": Field(int, 1, TRAIN_IMAGES, none=True, help="train on the first N training images (after "
-                          "--val-split)"),
-    "val_split": Field(int, 0, TRAIN_IMAGES - 1, help="hold out N training images, drawn by --seed, to evaluate "
-                       "every epoch (and choose best.pt) on; the test set is then evaluated once, at the end (0: the "
-                       "test set every epoch, as the original)"),
-    "loader": Field(str, choices=LOADERS, help="fast = tensors on the device, batched augmentation; classic = "
-                    "torchvision DataLoader"),
+    "train_subset": Field(int, 1, TRAIN_IMAGES, none=True, help="the first N training images only (after --val-split)"),
+    "val_split": Field(int, 0, TRAIN_IMAGES - 1, help="hold out N training images, drawn by --seed, to evaluate each "
+                       "epoch and pick best.pt on, then test once at the end (0: test every epoch, as the original)"),
+    "loader": Field(str, choices=("fast", "classic"), help="fast = batches made and augmented on the device; classic = "
+                    "torchvision's DataLoader"),
     "workers": Field(int, 0, 256, help="DataLoader workers, classic loader only"),
-    "device": Field(str, help="cpu, cuda, cuda:N, mps, xpu, or auto: the machine's accelerator when there is one, "
-                    "else the CPU"),
+    "device": Field(str, help="cpu, cuda, cuda:N, mps, xpu, or auto: the machine's accelerator, else the CPU"),
     "amp": Field(bool, none=True, help="bf16/fp16 mixed precision (default: on for CPUs with native bf16 and GPUs "
                  "before Ampere; newer GPUs train fp32 on TF32 tensor cores)"),
-    "channels_last": Field(bool, none=True, help="channels_last memory layout (default: on for CPUs and CUDA, "
-                           "measured faster there)"),
+    "channels_last": Field(bool, none=True, help="channels_last layout (default: on for CPU and CUDA, faster there)"),
     "deterministic": Field(bool, help="deterministic algorithms (bit-exact resume)"),
     "progress": Field(bool, help="tqdm bars"),
-    "tensorboard": Field(bool, help="also write TensorBoard logs into the run's folder (make tensorboard shows "
-                         "runs/)"),
+    "tensorboard": Field(bool, help="also write TensorBoard logs into the run's folder (make tensorboard shows runs/)"),
     "data_dir": Field(str, help="MNIST root; files go in DIR/MNIST/raw"),
     "out": Field(str, none=True, help="output folder, new or empty (default: a new runs/<recipe>-<date>-<time>); "
                  "with --resume, continue the run there instead of in its own folder"),
@@ -179,19 +155,17 @@ class Recipe:
         return int(self.pct_start * self.epochs * steps_per_epoch) if self.scheduler == "OneCycleLR" else 0
 
 
+# AdamW, not SGD at a 0.15 peak: a gradient spike at SGD's peak killed most ReLUs and left short runs at chance
+# (docs/recipes.md); label smoothing 0.1 in fp32 added 0.1 points on validation.
+_FAST = Recipe("fast", epochs=2, batch_size=128, lr=3e-3, optimizer="AdamW", weight_decay=5e-4, scheduler="OneCycleLR",
+               label_smoothing=0.1)
 RECIPES = {
     "seed": Recipe("seed", epochs=20, batch_size=512, lr=0.01),
-    # AdamW, not SGD at a 0.15 peak: a gradient spike at SGD's peak killed most ReLUs and left short runs at
-    # chance (docs/recipes.md); label smoothing 0.1 in fp32 added 0.1 points on validation.
-    "fast": Recipe("fast", epochs=2, batch_size=128, lr=3e-3, optimizer="AdamW", weight_decay=5e-4,
-                   scheduler="OneCycleLR", label_smoothing=0.1),
-    # `fast` on digits randomly rotated, scaled, sheared and shifted, for one epoch at batch 64 (docs/recipes.md,
-    # "one-epoch and best")
-    "one-epoch": Recipe("one-epoch", epochs=1, batch_size=64, lr=3e-3, optimizer="AdamW", weight_decay=5e-4,
-                        scheduler="OneCycleLR", label_smoothing=0.1, augment="affine"),
-    # `fast`, for 20 epochs, on the same affine digits (ibid.)
-    "best": Recipe("best", epochs=20, batch_size=128, lr=3e-3, optimizer="AdamW", weight_decay=5e-4,
-                   scheduler="OneCycleLR", label_smoothing=0.1, augment="affine"),
+    "fast": _FAST,
+    # `fast` on digits randomly rotated, scaled, sheared and shifted: for one epoch at batch 64, or for 20 epochs
+    # (docs/recipes.md, "one-epoch and best")
+    "one-epoch": replace(_FAST, name="one-epoch", epochs=1, batch_size=64, augment="affine"),
+    "best": replace(_FAST, name="best", epochs=20, augment="affine"),
 }
 RECIPE_FIELDS = tuple(f.name for f in fields(Recipe) if f.name != "name")  # what a run may override
 
@@ -202,7 +176,7 @@ def get_recipe(name, **overrides):
         raise ConfigError("name", f"unknown recipe {name!r}: use one of {', '.join(RECIPES)}")
     unknown = sorted(set(overrides) - set(RECIPE_FIELDS))
     if unknown:
-        raise ConfigError(unknown[0], f"a recipe has no field {unknown[0]!r}")
+        raise ConfigError(unknown[0], f"there is no setting {unknown[0]!r}")
     return replace(RECIPES[name], **{k: v for k, v in overrides.items() if v is not None})
 
 
@@ -229,12 +203,9 @@ class RunConfig:
                          "deterministic", "tensorboard")
 
     def __post_init__(self):
-        if not isinstance(self.recipe, Recipe):
-            raise ConfigError("name", f"{self.recipe!r} is not a Recipe")
+        Field(Recipe).check("name", self.recipe)
         _check_fields(self)
-        if self.train_subset is not None and self.train_subset > TRAIN_IMAGES - self.val_split:
-            raise ConfigError("train_subset", f"{self.train_subset} is out of range: give 1 to "
-                                              f"{TRAIN_IMAGES - self.val_split} (the images left after --val-split)")
+        Field(int, 1, TRAIN_IMAGES - self.val_split, none=True).check("train_subset", self.train_subset)
         if self.loader == "classic" and self.recipe.augment != "classic":
             raise ConfigError("loader", f"the classic loader has the original's augmentation only, not "
                                         f"{self.recipe.augment!r}: use the fast loader, or the classic augmentation")
@@ -243,13 +214,9 @@ class RunConfig:
 
     @classmethod
     def build(cls, recipe="seed", **settings):
-        """The configuration of a new run: the named recipe with the given overrides of its fields (epochs, lr,
-        augment, ...; None leaves the recipe's), the other settings the run's, the rest defaults."""
-        overrides = {k: settings.pop(k) for k in list(settings) if k in RECIPE_FIELDS}
-        unknown = sorted(set(settings) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ConfigError(unknown[0], f"a run has no setting {unknown[0]!r}")
-        return cls(get_recipe(recipe, **overrides), **_expanded(settings))
+        """A new run's configuration: the named recipe, its fields in `settings` overridden (None: the recipe's)."""
+        run = {f.name: settings.pop(f.name) for f in fields(cls) if f.name in settings}
+        return cls(get_recipe(recipe, **settings), **_expanded(run))
 
     @property
     def name(self):
@@ -266,8 +233,7 @@ class RunConfig:
 
     @property
     def steps_per_epoch(self):
-        images = self.train_subset if self.train_subset is not None else TRAIN_IMAGES - self.val_split
-        return math.ceil(images / self.recipe.batch_size)
+        return math.ceil((self.train_subset or TRAIN_IMAGES - self.val_split) / self.recipe.batch_size)
 
     def to_dict(self):
         return asdict(self)
@@ -281,33 +247,24 @@ class RunConfig:
             raise ConfigError("config", f"not a configuration of this version ({first_line(e)})") from None
 
     def resumed(self, changes, epochs_done):
-        """This run's configuration with `changes` (field: value) applied, where a resume may make them.
-
-        Returns (config, {field: (old, new)} of what changed). `out` in `changes` is where the run continues
-        (None: its own folder, wherever it is now). A change to a field that defines the run, fewer epochs than
-        are done, or more epochs for a one-cycle schedule (laid out over the planned steps) is a ConfigError.
-        """
-        changes = dict(changes)
-        out = changes.pop("out", None)  # where to continue: the saved folder is history (it may have moved)
-        changed = {}
-        for field, value in changes.items():
-            old = getattr(self.recipe, field) if field in RECIPE_FIELDS else \
-                self.name if field == "recipe" else getattr(self, field)
-            if value == old:
-                continue
+        """(this configuration with `changes` (field: value; "recipe": its name) that a resume may make, {field: (old,
+        new)}). `out` is where the run continues (None: its own folder, wherever it is now)."""
+        changes = _expanded(changes)
+        out = changes.pop("out", None)  # the saved folder is history: the run may have moved
+        now = {**asdict(self), **asdict(self.recipe), "recipe": self.name}
+        changed = {k: (now[k], v) for k, v in changes.items() if v != now[k]}
+        for field, (old, _) in changed.items():
             if field not in self.RESUME_MAY_CHANGE:
-                raise ConfigError(field, f"cannot change when resuming (the run has {old}): leave it out, or "
-                                         "start a new run")
-            changed[field] = (old, value)
-        epochs = changes.get("epochs", self.epochs)
-        if "epochs" in changed:
-            if epochs < epochs_done:
-                raise ConfigError("epochs", f"{epochs} is fewer than the {epochs_done} epochs the run has done")
-            if self.recipe.scheduler == "OneCycleLR":
-                raise ConfigError("epochs", f"cannot change for a one-cycle run: its schedule was laid out over "
-                                            f"{self.epochs} epochs; start a new run instead")
-        run = {k: new for k, (_, new) in changed.items() if k != "epochs"} | {"out": out}
-        return replace(self, recipe=replace(self.recipe, epochs=epochs), **_expanded(run)), changed
+                raise ConfigError(field, f"cannot change when resuming (the run has {old}): leave it out, or start a "
+                                         "new run")
+        new = {k: v for k, (_, v) in changed.items()}
+        epochs = new.pop("epochs", self.epochs)
+        if epochs < epochs_done:
+            raise ConfigError("epochs", f"{epochs} is fewer than the {epochs_done} epochs the run has done")
+        if epochs != self.epochs and self.recipe.scheduler == "OneCycleLR":
+            raise ConfigError("epochs", f"cannot change for a one-cycle run: its schedule was laid out over "
+                                        f"{self.epochs} epochs; start a new run instead")
+        return replace(self, recipe=replace(self.recipe, epochs=epochs), out=out, **new), changed
 
 
 def _expanded(settings):

@@ -1,10 +1,5 @@
-"""What a recipe trains with: its optimizer, its learning-rate schedule and its loss.
+"""What a recipe trains with: its optimizer, its learning-rate schedule and its loss (the values come checked)."""
 
-The values come checked (a `Recipe`); the classic `utils.get_optimizer`/`get_scheduler`/`get_loss` check theirs
-through the same fields before calling these.
-"""
-
-import functools
 import logging
 
 import torch
@@ -28,9 +23,9 @@ def get_optimizer(model, recipe):
 class LoggedStepLR(torch.optim.lr_scheduler.StepLR):
     """StepLR that logs when it changes the learning rate (torch dropped `verbose=`)."""
 
-    def step(self, epoch=None):
-        before = [g["lr"] for g in self.optimizer.param_groups]
-        super().step() if epoch is None else super().step(epoch)
+    def step(self):
+        before = [group["lr"] for group in self.optimizer.param_groups]
+        super().step()
         for i, (old, group) in enumerate(zip(before, self.optimizer.param_groups)):
             if group["lr"] != old:
                 log.info(f"Adjusting learning rate of group {i} to {group['lr']:.4e}.")
@@ -55,13 +50,12 @@ def steps_per_batch(scheduler):
 def get_loss(name="nll_loss", label_smoothing=0.0):
     """The loss by name; with `label_smoothing` > 0, cross-entropy against smoothed targets, in fp32 (the Net's
     log-probabilities are their own log-softmax, so this is the smoothed NLL)."""
-    if label_smoothing:
-        return functools.partial(_smoothed, label_smoothing=label_smoothing)
-    return LOSSES[name]
+    if not label_smoothing:
+        return LOSSES[name]
 
-
-def _smoothed(log_probs, target, label_smoothing):
-    return F.cross_entropy(log_probs.float(), target, label_smoothing=label_smoothing)
+    def smoothed(log_probs, target):
+        return F.cross_entropy(log_probs.float(), target, label_smoothing=label_smoothing)
+    return smoothed
 
 
 def build_training(model, recipe, steps_per_epoch, verbose=False):

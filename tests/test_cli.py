@@ -75,3 +75,34 @@ def test_train_parser_keeps_only_the_flags_written():
 def test_config_errors_are_worded_with_the_flag():
     assert cli.message(ConfigError("batch_size", "0 is out of range")) == "argument --batch-size: 0 is out of range"
     assert cli.message(ConfigError("name", "unknown")).startswith("argument --recipe:")
+
+
+def test_logs_go_to_the_stdout_of_the_moment_and_warnings_to_stderr(capsys):
+    import logging
+
+    log = logging.getLogger("s5.test")
+    cli.show_logs()
+    cli.show_logs(level=logging.WARNING)  # again: the levels change, the handlers stay one pair
+    log.info("hidden")
+    log.warning("careful")
+    cli.show_logs()
+    log.info("shown")
+    assert capsys.readouterr() == ("shown\n", "warning: careful\n")
+
+
+@pytest.mark.parametrize("name", ["SIGINT", "SIGTERM", "SIGHUP"])
+def test_a_stop_signal_ends_the_block_as_ctrl_c_does(name):
+    import os
+    import signal
+
+    def ignore(signum, frame):  # what handled it before (s5.startup's, say)
+        pass
+
+    sig = getattr(signal, name)
+    before = signal.signal(sig, ignore)
+    try:
+        with pytest.raises(KeyboardInterrupt), cli.stop_like_ctrl_c():
+            os.kill(os.getpid(), sig)
+        assert signal.getsignal(sig) is ignore  # and back after the block
+    finally:
+        signal.signal(sig, before)

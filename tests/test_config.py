@@ -1,7 +1,7 @@
 """A run's configuration: resolved from a recipe once, checked field by field, read back strictly, resumed by rule."""
 import pytest
 
-from s5.config import RECIPES, ConfigError, RunConfig, get_recipe
+from s5.config import FIELDS, RECIPES, ConfigError, RunConfig, check, get_recipe
 
 
 def test_recipes():
@@ -77,3 +77,35 @@ def test_a_configuration_saved_before_augment_and_tta_reads_back_with_the_old_be
         del saved["recipe"][key]
     recipe = RunConfig.from_dict(saved).recipe
     assert (recipe.augment, recipe.tta) == ("classic", False)
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_a_refused_configuration_leaves_the_output_folder_as_it_was(tmp_path, capsys, existing):
+    """Every configuration check runs before the folder is claimed: one-cycle's least steps (train.py's configure),
+    the classic loader's batch split over the processes (Run, before its claim)."""
+    import torch
+
+    import train
+    from s5.distributed import Context
+    from s5.run import Run
+
+    out, data = tmp_path / "out", tmp_path / "data"
+    if existing:
+        out.mkdir()
+    with pytest.raises(SystemExit) as stop:  # 256 images at batch 128: 2 one-cycle steps
+        train.main(["--recipe", "fast", "--train-subset", "256", "--epochs", "1", "--no-progress", "--out", str(out),
+                    "--data-dir", str(data)])
+    assert stop.value.code == 2 and "needs at least 5 optimizer steps" in capsys.readouterr().err
+    config = RunConfig.build("seed", loader="classic", out=str(out), data_dir=str(data))
+    with pytest.raises(ConfigError, match="512 does not split evenly over 3 processes"):
+        Run(config, torch.device("cpu"), Context(rank=0, world_size=3))
+    assert (list(out.iterdir()) == [] if existing else not out.exists()) and not data.exists()
+
+
+def test_a_crafted_value_is_refused_in_one_short_line():
+    for value in (10**400, "x" * 10_000, list(range(10_000))):
+        with pytest.raises(ConfigError) as err:
+            check("batch_size", value)
+        assert len(str(err.value)) < 120 and "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match=f"seed: {'9' * 30} is out of range: give 0 to 4294967295"):
+        FIELDS["seed"].parse("seed", "9" * 30)  # a flag's error quotes the flag as typed
