@@ -6,11 +6,15 @@
 Needs requirements-demo.txt (`make demo`). Exit status: 2 the checkpoint, a flag or Gradio is unusable; 130 stopped.
 """
 
+import os
+import socket
 import sys
 import threading
+from pathlib import Path
 
 from model import Net
 from s5 import checkpoints, cli, demo, errors
+from s5.config import RUNS_DIR
 
 
 def main(argv=None):
@@ -20,10 +24,18 @@ def main(argv=None):
     p.add_argument("--port", type=cli.whole_number(1, 65535), default=7860, help="port to serve on (default: 7860)")
     p.add_argument("--share", action="store_true", help="also make a temporary public gradio.live link")
     args = p.parse_args(argv)
+    cli.show_logs()  # the demo's warnings (a refused drawing) as one line each
     with cli.stop_like_ctrl_c():
         try:
-            demo.check_host(args.host)
-            if (path := args.checkpoint or demo.newest_checkpoint()) is None:
+            try:  # the address before any work (the server would only say that its port is unusable)
+                family, *_, (address, *_) = socket.getaddrinfo(args.host, None, type=socket.SOCK_STREAM)[0]
+                with socket.socket(family, socket.SOCK_STREAM) as s:
+                    s.bind((address, 0))  # any free port: this checks the address, the server checks its port
+            except (OSError, UnicodeError) as e:  # socket.gaierror is an OSError
+                p.error(f"argument --host: cannot serve on {args.host!r} ({getattr(e, 'strerror', None) or e}): "
+                        "give an address of this machine, such as 127.0.0.1, or 0.0.0.0 for every interface")
+            path = args.checkpoint or max(Path(RUNS_DIR).glob("*/best.pt"), key=os.path.getmtime, default=None)
+            if path is None:
                 cli.fail("no checkpoint given and none in runs/*/best.pt: train one first (make train ARGS=\"--recipe "
                          "fast\")")
             checkpoints.load_checkpoint(path, model := Net())
@@ -40,8 +52,8 @@ def main(argv=None):
                 threading.Event().wait()  # until a signal (Python runs its handler in this thread): never returns
             finally:
                 app.close(verbose=False)
-        except errors.UserError as e:  # HostError, CheckpointError
-            cli.fail(f"--host: {e}" if isinstance(e, demo.HostError) else e, e.exit_code)
+        except errors.UserError as e:  # CheckpointError
+            cli.fail(e, e.exit_code)
         except ImportError:  # build_app's
             cli.fail("Gradio is not installed: run `make demo` (or pip install -r requirements-demo.txt)")
         except KeyboardInterrupt:

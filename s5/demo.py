@@ -1,49 +1,24 @@
-"""The draw-a-digit demo: a sketchpad, the Net's prediction, its ten probabilities, and the 28x28 image it saw.
-The drawing is preprocessed as predict.py's files are (s5.digits). Gradio is imported only in build_app, so the core
-install does without it (requirements-demo.txt).
-"""
+"""The draw-a-digit demo: a sketchpad, the Net's prediction, its ten probabilities, and the 28x28 image it saw; the
+drawing is preprocessed as predict.py's files are (s5.digits). Gradio is imported only in build_app, so the core
+install does without it (requirements-demo.txt)."""
 
-import socket
+import contextlib
+import logging
+import os
 import uuid
-from pathlib import Path
 
 import torch
 from PIL import Image
 
-from s5.config import RUNS_DIR
 from s5.data import MEAN, STD
 from s5.digits import ImageInputError, open_image, preprocess_digit
-from s5.errors import UserError
 
 CANVAS = (280, 280)  # ten canvas pixels a MNIST pixel
 MAX_UPLOAD_BYTES = 5 * 2**20  # a drawing is under 100 KB; a 5000x5000 photo (the pixel limit for files) fits too
 QUEUE_SIZE = 64  # requests waiting at once; more are turned away instead of piling up in memory
 CACHE_SECONDS = 600  # uploads and shown images are deleted this long after they were made
-
-
-class HostError(UserError, ValueError):
-    """The address to serve on cannot be used; the message says why."""
-
-
-def check_host(host):
-    """The first address `host` resolves to, if this machine can serve on it; HostError otherwise."""
-    try:
-        family, _, _, _, (address, *_) = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)[0]
-    except (socket.gaierror, UnicodeError) as e:
-        raise HostError(f"cannot resolve {host!r} ({getattr(e, 'strerror', None) or e}): give an address of this "
-                        "machine, such as 127.0.0.1, or 0.0.0.0 for every interface") from None
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        try:
-            s.bind((address, 0))  # any free port: this checks the address, the server checks its port
-        except OSError as e:
-            raise HostError(f"{host!r} ({address}) is not an address of this machine ({e.strerror or e}): give "
-                            "one of its addresses, such as 127.0.0.1, or 0.0.0.0 for every interface") from None
-    return address
-
-
-def newest_checkpoint(runs=RUNS_DIR):
-    """The newest runs/*/best.pt, or None."""
-    return max(Path(runs).glob("*/best.pt"), key=lambda p: p.stat().st_mtime, default=None)
+MAX_KEPT_BYTES, MAX_KEPT_FILES = 100 * 2**20, 1000  # uploads kept at most, the oldest deleted first: 20 of the largest
+log = logging.getLogger(__name__)
 
 
 @torch.inference_mode()
@@ -57,8 +32,7 @@ def classify(model, image):
         return {}, None, f"Nothing to classify: {e}."
     model.eval()
     probs = model(x.unsqueeze(0).to(next(model.parameters()).device)).float().exp().squeeze(0).cpu()
-    seen = Image.fromarray(((x[0] * STD + MEAN).clamp(0, 1) * 255).to(torch.uint8).numpy())
-    seen = seen.resize(CANVAS, Image.Resampling.NEAREST)
+    seen = Image.fromarray(((x[0] * STD + MEAN).clamp(0, 1) * 255).byte().numpy()).resize(CANVAS, Image.NEAREST)
     # A tag per answer: Gradio caches an output image under the hash of its bytes and rewrites that file for every
     # request, so identical answers to concurrent users shared one file, truncated while it was being sent.
     seen.info["request"] = uuid.uuid4().hex
@@ -66,34 +40,48 @@ def classify(model, image):
     return {str(d): float(p) for d, p in enumerate(probs)}, seen, f"The Net reads a {digit} ({probs[digit]:.1%})."
 
 
-def drawing_from_payload(component, payload):
-    """The sketchpad's composite as a PIL image, or None, checked before decoding as files are (ImageInputError)."""
-    if payload is None:
-        return None
-    if payload.id is not None:  # sent in pieces (the page's own upload path); only the composite is read
-        blobs = component.blob_storage.pop(payload.id, None)
-        composite = blobs.composite if blobs else None
-    else:
-        composite = payload.composite.path if payload.composite is not None else None
-    return None if composite is None else open_image(composite, max_bytes=MAX_UPLOAD_BYTES)
+class KeptUploads(set):
+    """Gradio's record of an app's uploads (Blocks.upload_file_set), which its upload route updates after each: then
+    the newest MAX_KEPT_FILES, up to MAX_KEPT_BYTES in all, are kept, the others deleted with the folder of each."""
+
+    def update(self, names):
+        super().update(names)
+        stats = {}
+        for name in list(self):
+            with contextlib.suppress(OSError):  # unless Gradio deleted it for its age meanwhile
+                stats[name] = os.stat(name)
+        size = 0
+        for i, name in enumerate(sorted(stats, key=lambda n: stats[n].st_mtime, reverse=True)):  # newest first
+            size += stats[name].st_size
+            if size > MAX_KEPT_BYTES or i >= MAX_KEPT_FILES:
+                with contextlib.suppress(OSError):
+                    os.remove(name)
+                    os.rmdir(os.path.dirname(name))  # unless other files are in it
+                self.discard(name)
 
 
 def build_app(model, title="S5: draw a digit"):
     """The Gradio app around a trained Net; `.launch()` serves it (inline in a notebook). Bounded: QUEUE_SIZE requests,
-    cached files kept CACHE_SECONDS, drawings over MAX_UPLOAD_BYTES or the pixel limit refused before decoding (give
-    launch max_file_size=MAX_UPLOAD_BYTES too, so they are not even stored)."""
+    uploads kept CACHE_SECONDS, MAX_KEPT_FILES or MAX_KEPT_BYTES, drawings over MAX_UPLOAD_BYTES or the pixel limit
+    refused before decoding (give launch max_file_size=MAX_UPLOAD_BYTES too, so they are not even stored)."""
     import gradio as gr
 
     def checked_drawing(payload):
+        if payload is not None and payload.id is not None:  # sent in pieces (the page's way), not as an upload
+            payload = pad.blob_storage.pop(payload.id, None)
+        composite = getattr(payload, "composite", None)
+        composite = getattr(composite, "path", composite)  # an upload's path, or the bytes of a piece
         try:
-            return drawing_from_payload(pad, payload)
-        except ImageInputError as e:
-            raise gr.Error(f"Nothing to classify: {e}.") from None
+            return None if composite is None else open_image(composite, max_bytes=MAX_UPLOAD_BYTES)
+        except ImageInputError as e:  # one line in the server's log, not Gradio's traceback
+            log.warning("a drawing was refused: %s", e)
+            raise gr.Error(f"Nothing to classify: {e}.", print_exception=False) from None
 
     def predict(image):
         return classify(model, image)
 
     with gr.Blocks(title=title, delete_cache=(60, CACHE_SECONDS)) as app:
+        app.upload_file_set = app.temp_file_sets[0] = KeptUploads()  # so far its only set of files
         gr.Markdown(f"# {title}\nPick the pen (left of the canvas), draw one digit, large, with the mouse or a "
                     "finger, and press **Predict**. The bin icon clears the canvas.")
         with gr.Row():

@@ -1,9 +1,7 @@
 """The Net outside PyTorch: a checkpoint's weights exported as one ONNX file, checked, and run by onnxruntime.
-
 Input `image`: float32 (N, 1, 28, 28), any N, normalised as in training; output `log_probs`: float32 (N, 10), as
 Net.forward. Exported with dynamo=True (TorchScript's exporter is deprecated since PyTorch 2.9) by packages imported
-when used: requirements-export.txt, not the core install, holds onnx, onnxscript and onnxruntime.
-"""
+when used: requirements-export.txt, not the core install, holds onnx, onnxscript and onnxruntime."""
 
 import copy
 import importlib
@@ -12,7 +10,7 @@ from pathlib import Path
 import torch
 
 from model import INPUT_SHAPE
-from s5.errors import EXIT_FAILED, UserError
+from s5.errors import EXIT_FAILED, UserError, first_line
 from s5.files import atomic_write
 
 OPSET = 18  # torchlib's own (no conversion), run by onnxruntime since 1.14; the Net needs nothing newer
@@ -25,26 +23,21 @@ MAX_ONNX_BYTES = 64 * 2**20  # an exported Net is 2.4 MB; a larger file is not o
 CHECK_BATCH = 16  # inputs the export is run on, against PyTorch, before it is written
 
 
-class MissingPackageError(UserError, ImportError):
-    """A package of requirements-export.txt is not installed; the message names it and the file."""
-
-
 class ExportError(UserError, RuntimeError):
     """The exporter failed, or what it made does not check or does not compute what the Net computes."""
     exit_code = EXIT_FAILED
 
 
 class OnnxModelError(UserError, ValueError):
-    """A file is not an ONNX model of the Net (missing, too big, not ONNX, other inputs or outputs)."""
+    """A file is not an ONNX model of the Net (missing, too big, not ONNX, other inputs or outputs, fails when run)."""
 
 
 def require(name):
-    """Import a package of requirements-export.txt, or raise MissingPackageError naming it."""
+    """Import a package of requirements-export.txt, or raise a UserError naming it and the file."""
     try:
         return importlib.import_module(name)
     except ImportError:
-        raise MissingPackageError(f"{name} is not installed: pip install -r {REQUIREMENTS} (make export does it)") \
-            from None
+        raise UserError(f"{name} is not installed: pip install -r {REQUIREMENTS} (make export does it)") from None
 
 
 def export_onnx(model, path):
@@ -60,7 +53,7 @@ def export_onnx(model, path):
         onnx.checker.check_model(proto, full_check=True)
         data = proto.SerializeToString()
     except Exception as e:  # the exporter and the checker raise many types
-        raise ExportError(f"the ONNX export failed ({type(e).__name__}: {_first_line(e)})") from e
+        raise ExportError(f"the ONNX export failed ({type(e).__name__}: {first_line(e)})") from e
     images = torch.randn(CHECK_BATCH, *INPUT_SHAPE, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         got = torch.from_numpy(session_of(data).run(None, {INPUT_NAME: images.numpy()})[0])
@@ -73,16 +66,16 @@ def export_onnx(model, path):
 
 
 def session_of(data):
-    """An onnxruntime session (CPU) over a serialised ONNX model, quiet on stderr but for errors."""
+    """An onnxruntime session (CPU) over a serialised ONNX model, silent: its failures are raised, and said once."""
     ort = require("onnxruntime")
     options = ort.SessionOptions()
-    options.log_severity_level = 3  # errors only: its warnings would break the one-line error contract
+    options.log_severity_level = 4  # fatal only: its warnings and error lines would break the one-line contract
     return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
 
 
 class OnnxNet:
     """An exported Net run by onnxruntime, called like the Net on CPU tensors: (N, 1, 28, 28) normalised images in,
-    (N, 10) log-probabilities out. OnnxModelError when `path` is not an ONNX model of the Net."""
+    (N, 10) log-probabilities out. OnnxModelError when `path` is not an ONNX model of the Net, at load or when run."""
 
     def __init__(self, path):
         self.path = path = Path(path)
@@ -97,19 +90,23 @@ class OnnxNet:
         except OSError as e:
             raise OnnxModelError(f"cannot read {path} ({e.strerror or e})") from None
         except Exception as e:  # onnxruntime's Fail, InvalidGraph, InvalidProtobuf, ...: damaged or not ONNX
-            raise OnnxModelError(f"{path} is not an ONNX model onnxruntime can load ({_first_line(e)[:160]}): "
+            raise OnnxModelError(f"{path} is not an ONNX model onnxruntime can load ({first_line(e, 160)}): "
                                  "give a .onnx file that export.py wrote") from None
         ins, outs = self.session.get_inputs(), self.session.get_outputs()
-        if not (len(ins) == len(outs) == 1 and ins[0].type == "tensor(float)"  # any batch size, then these
-                and [list(a.shape[1:]) for a in (*ins, *outs)] == [list(INPUT_SHAPE), [10]]):
+        if not (len(ins) == len(outs) == 1 and ins[0].type == outs[0].type == "tensor(float)"
+                and [list(a.shape[1:]) for a in (*ins, *outs)] == [list(INPUT_SHAPE), [10]]):  # any batch size
             got = ", ".join(f"{a.name} {a.type} {a.shape}" for a in (*ins, *outs))
             raise OnnxModelError(f"{path} is an ONNX model but not of this repo's Net (one float input of shape "
-                                 f"(N, 1, 28, 28), one output (N, 10) expected; it has {got})")
+                                 f"(N, 1, 28, 28), one float output (N, 10) expected; it has {got})")
 
     def __call__(self, images):
         x = images.detach().cpu().float().numpy()
-        return torch.from_numpy(self.session.run(None, {self.session.get_inputs()[0].name: x})[0])
-
-
-def _first_line(error):
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+        try:  # a model can compute other shapes than it declares (from the data), which only a run shows
+            y = self.session.run(None, {self.session.get_inputs()[0].name: x})[0]
+        except Exception as e:  # onnxruntime's Fail, RuntimeException, ...
+            raise OnnxModelError(f"{self.path} failed when run by onnxruntime ({first_line(e, 160)}): "
+                                 "give a .onnx file that export.py wrote") from None
+        if y.shape != (len(x), 10):
+            raise OnnxModelError(f"{self.path} is not an ONNX model of this repo's Net: it gave shape {y.shape} for "
+                                 f"{len(x)} images, not ({len(x)}, 10)")
+        return torch.from_numpy(y)

@@ -8,12 +8,13 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 from conftest import REPO
 from PIL import Image
 
-from s5.demo import classify, newest_checkpoint
+from s5.demo import classify
 
 pytestmark = pytest.mark.slow  # starts the demo server, some tests a browser
 
@@ -43,18 +44,16 @@ def test_classify_uses_the_predict_preprocessing(trained):
     assert classify(model, None) == ({}, None, "Draw a digit.")
 
 
-def test_newest_checkpoint(tmp_path):
-    assert newest_checkpoint(tmp_path) is None
-    for name in ("a", "b"):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "best.pt").write_bytes(b"x")
-        os.utime(tmp_path / name / "best.pt", (1_000_000 + ord(name), 1_000_000 + ord(name)))  # b is newer
-    assert newest_checkpoint(tmp_path) == tmp_path / "b" / "best.pt"
-
-
-def test_no_checkpoint_is_one_line(tmp_path):
+def test_the_default_checkpoint_is_the_newest_best_pt(tmp_path):
     done = subprocess.run([sys.executable, str(REPO / "demo.py")], capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 2 and done.stderr.startswith("error: no checkpoint given and none in runs/*/best.pt")
+    assert len(done.stderr.splitlines()) == 1
+    for name in ("a", "b"):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        (tmp_path / "runs" / name / "best.pt").write_bytes(b"x")
+        os.utime(tmp_path / "runs" / name / "best.pt", (1_000_000 + ord(name), 1_000_000 + ord(name)))  # b is newer
+    done = subprocess.run([sys.executable, str(REPO / "demo.py")], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 2 and str(Path("runs", "b", "best.pt")) in done.stderr, done.stderr  # refused: not ours
     assert len(done.stderr.splitlines()) == 1
 
 
@@ -130,9 +129,9 @@ def test_drawn_digits_are_read_in_the_browser(trained, tmp_path):
 
 # --- robustness: hostile or many clients, bad addresses, signals ---------------------------------------------------
 
-def start_demo(ckpt, *flags):
+def start_demo(ckpt, *flags, stderr=subprocess.PIPE):
     return subprocess.Popen([sys.executable, str(REPO / "demo.py"), str(ckpt), *flags], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            stdout=subprocess.PIPE, stderr=stderr, text=True,
                             env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})
 
 
@@ -148,7 +147,7 @@ def test_an_unusable_host_is_named_before_serving(trained, host):
     done = subprocess.run([sys.executable, str(REPO / "demo.py"), str(ckpt), "--host", host, "--port", "7861"],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 2 and "serving" not in done.stdout and "Traceback" not in done.stderr
-    assert done.stderr.startswith("error: --host: ") and host in done.stderr and "--port" not in done.stderr
+    assert done.stderr.startswith("error: argument --host: ") and host in done.stderr and "--port" not in done.stderr
     assert len(done.stderr.splitlines()) == 1
 
 
@@ -168,17 +167,24 @@ def test_a_signal_stops_the_demo_with_one_line_and_exit_130(trained, sig):
 
 
 @pytest.fixture(scope="module")
-def demo_url(trained):
+def demo_server(trained, tmp_path_factory):
+    """(the URL of a demo.py serving the trained Net, the file its stderr goes to)."""
     pytest.importorskip("gradio", reason="the demo's packages: pip install -r requirements-demo.txt")
     _, ckpt, _ = trained
-    port = free_port()
-    server = start_demo(ckpt, "--port", str(port))
+    port, log = free_port(), tmp_path_factory.mktemp("demo") / "stderr.txt"
+    with open(log, "w") as stderr:
+        server = start_demo(ckpt, "--port", str(port), stderr=stderr)
     try:
         wait_until_serving(server)
-        yield f"http://127.0.0.1:{port}/"
+        yield f"http://127.0.0.1:{port}/", log
     finally:
         server.terminate()
         server.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def demo_url(demo_server):
+    return demo_server[0]
 
 
 def drawing(tmp_path, digits):
@@ -211,41 +217,74 @@ def test_concurrent_identical_requests_all_succeed(trained, demo_url, tmp_path):
         assert Image.open(seen).size == (280, 280)
 
 
-def test_oversized_drawings_are_refused_before_decoding(demo_url, tmp_path):
+def test_oversized_drawings_are_refused_before_decoding(demo_server, tmp_path):
     from gradio_client import Client, handle_file
     from gradio_client.exceptions import AppError
 
+    demo_url, log = demo_server
     Image.new("1", (12000, 12000), 1).save(tmp_path / "huge.png")  # about 150 KB, 144 megapixels
     client = Client(demo_url, verbose=False)
     with pytest.raises(AppError, match="pixel limit"):
         client.predict({"background": None, "layers": [], "composite": handle_file(str(tmp_path / "huge.png"))},
                        api_name="/predict")
+    time.sleep(1)  # the server logs the refusal as it answers
+    refusals = [line for line in log.read_text().splitlines() if "pixel limit" in line]
+    assert len(refusals) == 1 and "Traceback" not in log.read_text(), log.read_text()  # one line, not Gradio's 25
     import httpx  # the server's own check: gradio_client refuses a large file before sending it
 
     big = httpx.post(demo_url + "gradio_api/upload", files={"files": ("big.png", b"\0" * (6 * 2**20))}, timeout=120)
     assert big.status_code == 413 and "maximum allowed size" in big.text  # refused, not stored in the cache
 
 
-def test_drawings_sent_in_pieces_are_checked_too(trained):
+def test_drawings_sent_in_pieces_are_checked_too():
     """The page sends its canvas as blobs under an id (Gradio's accept_blobs), not as an upload: the same checks."""
     import io
-    from types import SimpleNamespace
 
-    gradio_editor = pytest.importorskip("gradio.components.image_editor")
-    from s5.demo import drawing_from_payload
-    from s5.digits import ImageInputError
+    gr = pytest.importorskip("gradio", reason="the demo's packages: pip install -r requirements-demo.txt")
+    from gradio.components.image_editor import EditorData, EditorDataBlobs
+
+    from model import Net
+    from s5.demo import build_app
 
     def png(image):
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
         return buffer.getvalue()
 
-    pad = SimpleNamespace(blob_storage={})
-    payload = gradio_editor.EditorData(id="a", background=None, layers=[], composite=None)
-    pad.blob_storage["a"] = gradio_editor.EditorDataBlobs(background=None, layers=[],
-                                                          composite=png(Image.new("RGBA", (280, 280))))
-    assert drawing_from_payload(pad, payload).size == (280, 280) and not pad.blob_storage  # consumed
-    pad.blob_storage["a"] = gradio_editor.EditorDataBlobs(background=None, layers=[],
-                                                          composite=png(Image.new("1", (12000, 12000))))
-    with pytest.raises(ImageInputError, match="pixel limit"):
-        drawing_from_payload(pad, payload)
+    [pad] = [block for block in build_app(Net()).blocks.values() if block.elem_id == "sketchpad"]
+    payload = EditorData(id="a", background=None, layers=[], composite=None)
+    pad.blob_storage["a"] = EditorDataBlobs(background=None, layers=[], composite=png(Image.new("RGBA", (280, 280))))
+    assert pad.preprocess(payload).size == (280, 280) and not pad.blob_storage  # consumed
+    pad.blob_storage["a"] = EditorDataBlobs(background=None, layers=[], composite=png(Image.new("1", (12000, 12000))))
+    with pytest.raises(gr.Error, match="pixel limit"):
+        pad.preprocess(payload)
+    assert pad.preprocess(None) is None
+
+
+def test_the_uploads_kept_are_bounded_oldest_out_first(tmp_path, monkeypatch):
+    """60 uploads of 5 MB were all kept, for CACHE_SECONDS: the files kept are bounded in bytes and in number."""
+    gr = pytest.importorskip("gradio", reason="the demo's packages: pip install -r requirements-demo.txt")
+    from fastapi.testclient import TestClient
+
+    from model import Net
+    from s5 import demo
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))  # Gradio's upload folder
+    monkeypatch.setattr(demo, "MAX_KEPT_BYTES", 3 * 2**20)
+    monkeypatch.setattr(demo, "MAX_KEPT_FILES", 5)
+    app = demo.build_app(Net())
+    app.max_file_size = demo.MAX_UPLOAD_BYTES  # as demo.py's launch sets it
+    with TestClient(gr.routes.App.create_app(app)) as client:
+        def upload(k, size):
+            done = client.post("/gradio_api/upload", files={"files": (f"{k}.png", os.urandom(size))})
+            assert done.status_code == 200, done.text
+            return str(Path(done.json()[0]).resolve())
+
+        def kept():
+            return {str(f.resolve()) for f in tmp_path.rglob("*") if f.is_file()}
+
+        big = [upload(k, 2**20) for k in range(8)]
+        assert kept() == set(big[-3:])  # 3 MB, the newest
+        small = [upload(k, 10) for k in range(10)]
+        assert kept() == set(small[-5:])  # 5 files
+        assert len([d for d in tmp_path.iterdir() if len(d.name) == 64]) == 5  # their folders went with them

@@ -135,6 +135,46 @@ def test_another_onnx_model_is_refused(tmp_path):
         export.OnnxNet(path)
 
 
+def misbehaving_model(path, shape, *nodes):
+    """An ONNX model that declares the Net's input and output, (N, 1, 28, 28) -> (N, 10), which onnxruntime reports at
+    load, but computes `nodes` on `image` and reshapes their output `y` to `shape`, read from the data at run time."""
+    h, T = onnx.helper, onnx.TensorProto
+    graph = h.make_graph([*nodes, h.make_node("ReduceMax", ["image"], ["max"], keepdims=0),  # shape = max * 0 + shape
+                          h.make_node("Mul", ["max", "zero"], ["none"]), h.make_node("Add", ["none", "to"], ["s"]),
+                          h.make_node("Cast", ["s"], ["shape"], to=T.INT64),
+                          h.make_node("Reshape", ["y", "shape"], ["log_probs"])], "misbehaving",
+                         [h.make_tensor_value_info("image", T.FLOAT, ["N", 1, 28, 28])],
+                         [h.make_tensor_value_info("log_probs", T.FLOAT, ["N", 10])],
+                         [h.make_tensor("zero", T.FLOAT, [], [0]), h.make_tensor("to", T.FLOAT, [2], shape),
+                          h.make_tensor("axis", T.INT64, [1], [1])])
+    onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 18)]), path)
+    return path
+
+
+@pytest.mark.parametrize("case", ["shape", "fails"])
+def test_a_model_that_misbehaves_when_run_is_one_line(tmp_path, capfd, case):
+    """Shape inference cannot see these: their output is (N, 1), or a reshape of (N, 1, 28, 28) to (5, 10) fails."""
+    import predict
+
+    h = onnx.helper
+    nodes = {"shape": ([-1, 1], h.make_node("Flatten", ["image"], ["flat"]),
+                       h.make_node("ReduceSum", ["flat", "axis"], ["y"], keepdims=1)),
+             "fails": ([5, 10], h.make_node("Identity", ["image"], ["y"]))}[case]
+    path = misbehaving_model(tmp_path / f"{case}.onnx", *nodes)
+    assert [o.shape for o in export.OnnxNet(path).session.get_outputs()] == [["N", 10]]  # passes the load checks
+    with pytest.raises(SystemExit) as stop:
+        predict.main(["--onnx", str(path), str(REPO / "examples" / "digits" / "7.png")])
+    out, err = capfd.readouterr()  # the runtime's own log lines too
+    assert stop.value.code == 2 and out == "" and err.startswith(f"error: {path} ") and len(err.splitlines()) == 1, err
+
+
+def test_an_empty_out_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        export_cli.main([str(tmp_path / "model.pt"), "--out", ""])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "--out: an empty path" in err and len(err.splitlines()) == 1
+
+
 # --- export.py's failures: one line, the exit status of cli.py, no file left behind --------------------------------
 
 @pytest.mark.slow
