@@ -6,6 +6,7 @@
 Needs requirements-demo.txt (`make demo`). Exit status: 2 the checkpoint, a flag or Gradio is unusable; 130 stopped.
 """
 
+import s5.startup  # noqa: F401  # isort: skip  (first: a signal while torch imports is one line, exit 130)
 import os
 import socket
 import sys

@@ -7,6 +7,7 @@ Needs requirements-export.txt (`make export`). Exit status: 0 written; 1 the exp
 written (nothing is left behind); 2 the checkpoint, a flag or a package is missing or unusable; 130 interrupted.
 """
 
+import s5.startup  # noqa: F401  # isort: skip  (first: a signal while torch imports is one line, exit 130)
 import os
 import sys
 from pathlib import Path

@@ -10,6 +10,7 @@ recursively, hidden files skipped. --onnx needs requirements-export.txt. One lin
 classified, 1 some file could not be, 2 the checkpoint, the ONNX model or a flag is unusable, 130 interrupted.
 """
 
+import s5.startup  # noqa: F401  # isort: skip  (first: a signal while torch imports is one line, exit 130)
 import json
 import sys
 

@@ -130,4 +130,6 @@ def stop_like_ctrl_c(signals=(signal.SIGINT, signal.SIGTERM, signal.SIGHUP)):
         yield
     finally:
         for sig, handler in previous.items():
+            if getattr(handler, "__module__", None) == "s5.startup":  # start-up is over: Python's own handlers
+                handler = signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL
             signal.signal(sig, handler)
