@@ -109,3 +109,22 @@ def test_a_crafted_value_is_refused_in_one_short_line():
         assert len(str(err.value)) < 120 and "\n" not in str(err.value)
     with pytest.raises(ConfigError, match=f"seed: {'9' * 30} is out of range: give 0 to 4294967295"):
         FIELDS["seed"].parse("seed", "9" * 30)  # a flag's error quotes the flag as typed
+
+
+@pytest.mark.slow  # trains one tiny epoch
+def test_paths_from_the_user_expand_the_home_folder_the_same_way(mnist_root, tmp_path, monkeypatch):
+    """`--out ~/x` is the folder in $HOME (not a literal ./~ folder), as `--data-dir ~/...` always was."""
+    import shutil
+
+    import train
+
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    shutil.copytree(mnist_root / "MNIST", home / "mnist" / "MNIST")
+    cwd.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    assert train.main(["--epochs", "1", "--train-subset", "64", "--no-progress", "--out", "~/x",
+                       "--data-dir", "~/mnist"]) in (0, None)
+    assert (home / "x" / "last.pt").is_file() and list(cwd.iterdir()) == []
+    config = RunConfig.build("seed", out="~/y", data_dir="~/d")
+    assert (config.out, config.data_dir) == (str(home / "y"), str(home / "d"))
