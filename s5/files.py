@@ -5,12 +5,11 @@ import contextlib
 import fcntl
 import os
 import secrets
-import shutil
 import stat
 import time
 from pathlib import Path
 
-from s5.errors import UserError
+from s5.errors import UserError, first_line
 
 
 class OutputError(UserError, OSError):
@@ -22,55 +21,47 @@ class OutputError(UserError, OSError):
         self.kind, self.path = kind, path
 
 
-def _reason(error, folder):
-    if isinstance(error, OSError) and error.strerror:
-        return error.strerror
-    with contextlib.suppress(OSError):
-        if shutil.disk_usage(folder).free < 1 << 20:  # torch.save reports a full disk as a RuntimeError
-            return "No space left on device"
-    return (str(error).strip().splitlines() or [type(error).__name__])[-1]
+def _reason(error):
+    return error.strerror if isinstance(error, OSError) and error.strerror else first_line(error)
 
 
 def atomic_write(path, write, *, dir_fd=None, tag=None):
     """Call write(file) on a temporary file beside `path`, fsync it, then rename it over `path`: a crash or kill -9
     at any moment leaves the old file or the new one. A failed write removes its temporary and raises OutputError
     (Ctrl-C passes on). `dir_fd`: `path`'s folder, open, to write through; `tag` marks a run's temporaries (`claim`)."""
-    path = Path(path)
+    path, fd, opened = Path(path), None, None
     tmp = f".{path.name}.{tag + '.' if tag else ''}{secrets.token_hex(4)}.tmp"
-    target, tmp, folder = (path, path.parent / tmp, path.parent) if dir_fd is None else (path.name, tmp, ".")
-    fd = None
     try:
         if dir_fd is None:
             path.parent.mkdir(parents=True, exist_ok=True)
+            dir_fd = opened = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         # Created exclusively, never through a link; 0o666 less the umask: the usual permissions.
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666, dir_fd=dir_fd)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())  # the data on disk before the rename makes it the file
-        os.replace(tmp, target, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)  # replaces a link at `path`, never follows it
+        os.replace(tmp, path.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)  # replaces a link there, never follows it
+        with contextlib.suppress(OSError):  # and the folder, so that the rename itself is durable where the OS allows
+            os.fsync(dir_fd)
     except BaseException as e:
         if fd is not None:
             _remove(tmp, dir_fd)
         if isinstance(e, Exception) and not isinstance(e, OutputError):
-            raise OutputError(f"cannot write {path} ({_reason(e, path.parent)})", path=path) from e
+            raise OutputError(f"cannot write {path} ({_reason(e)})", path=path) from e
         raise
-    with contextlib.suppress(OSError):  # and the folder, so that the rename itself is durable where the OS allows
-        folder_fd = os.open(folder, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
-        try:
-            os.fsync(folder_fd)
-        finally:
-            os.close(folder_fd)
+    finally:
+        if opened is not None:
+            os.close(opened)
 
 
 MARKER = ".s5-run"  # marks a folder as one run's: "run <id>" on its first line; locked while a process runs it
 
 
 class RunDir:
-    """An output folder claimed by this process for one run until `release()` or its end: its marker (MARKER), made
-    exclusively, names the run and is locked by the OS, so a killed run frees it at once. `claim` takes a new or empty
-    folder (a killed run's that saved nothing counts) or, with `run_id`, run ID's for a resume, and removes only the
-    temporaries of the run taken over (atomic_write's `tag`)."""
+    """An output folder claimed by this process for one run until `release()`: its marker (MARKER) names the run and is
+    locked by the OS, so a killed run frees it at once. `claim` takes a new or empty folder (a killed run's that saved
+    nothing counts) or, with `run_id`, that run's, and removes only its temporaries (atomic_write's `tag`)."""
 
     def __init__(self, path, dir_fd, lock_fd, run_id, created_marker):
         self.path, self._dir, self._lock, self.run_id = Path(path), dir_fd, lock_fd, run_id
@@ -85,8 +76,7 @@ class RunDir:
         except (FileExistsError, NotADirectoryError):
             raise OutputError(f"{path} is a file, not a folder", "not_a_folder", path) from None
         except OSError as e:
-            raise OutputError(f"cannot create the output folder {path} ({_reason(e, path.parent)})", "unwritable",
-                              path) from None
+            raise OutputError(f"cannot create the output folder {path} ({_reason(e)})", "unwritable", path) from None
         with contextlib.ExitStack() as undo:  # on failure: what was opened is closed, a marker made is removed
             undo.callback(os.close, dir_fd)
             lock_fd, created = _lock_marker(path, dir_fd, run_id, undo)
@@ -113,16 +103,15 @@ class RunDir:
     @classmethod
     def claim_new(cls, parent, stem):
         """A fresh folder `parent/stem`, or `stem-2`, `stem-3`, ... when that name is taken: never a shared one."""
-        parent = Path(parent)
         for n in range(1, 1000):
-            path = parent / (stem if n == 1 else f"{stem}-{n}")
+            path = Path(parent) / (stem if n == 1 else f"{stem}-{n}")
             try:
                 path.mkdir(parents=True)  # atomic: exactly one process creates a given name
             except FileExistsError:
                 continue
             except OSError as e:
-                raise OutputError(f"cannot create a run folder in {parent} ({_reason(e, parent)})",
-                                  "unwritable", parent) from None
+                raise OutputError(f"cannot create a run folder in {parent} ({_reason(e)})", "unwritable", parent) \
+                    from None
             return cls.claim(path)
         raise OutputError(f"{parent} holds 999 runs named {stem}", "not_empty", parent)
 
@@ -146,21 +135,23 @@ class RunDir:
 
 
 def _lock_marker(path, dir_fd, run_id, undo):
-    """`path`'s marker, opened at `dir_fd` and locked: (descriptor, made now); `undo` closes it, removes one made."""
-    flags = os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # O_NONBLOCK: a FIFO cannot hang us
-    try:
+    """`path`'s marker, opened at `dir_fd` and locked: (descriptor, made now); `undo` closes it, removes one made.
+    One already there is only written when it is a plain file of this user's with no other name (no hard link)."""
+    flags, lock_fd, created = os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, None, False
+    try:  # (O_NONBLOCK: a FIFO cannot hang us)
         lock_fd, created = os.open(MARKER, flags | os.O_CREAT | os.O_EXCL, 0o666, dir_fd=dir_fd), True
-    except FileExistsError:  # a marker is there: whose, and is it a plain file?
-        lock_fd, created = None, False
-    except OSError as e:
-        raise OutputError(f"cannot write into {path} ({_reason(e, path)})", "unwritable", path) from None
-    with contextlib.suppress(OSError):  # never a link (ELOOP), a dangling one, a folder (EISDIR), ...
-        if not created:
+    except FileExistsError:
+        with contextlib.suppress(OSError):  # never a link (ELOOP), a dangling one, a folder (EISDIR), ...
             lock_fd = os.open(MARKER, flags, dir_fd=dir_fd)
+    except OSError as e:
+        raise OutputError(f"cannot write into {path} ({_reason(e)})", "unwritable", path) from None
+    if lock_fd is not None:
         undo.callback(os.close, lock_fd)
-    if lock_fd is None or not stat.S_ISREG(os.fstat(lock_fd).st_mode):
-        raise OutputError(f"{path / MARKER} is not a run's marker file (a link, a folder or a pipe): {path} is not a "
-                          "run folder", "not_this_run" if run_id else "not_empty", path)
+        info = os.fstat(lock_fd)
+    if not created and (lock_fd is None or not stat.S_ISREG(info.st_mode) or info.st_nlink > 1 or
+                        info.st_uid != os.geteuid()):
+        raise OutputError(f"{path / MARKER} is not a run's marker file (it is a link, a hard link, a folder, a pipe or "
+                          "another user's)", "not_this_run" if run_id else "not_empty", path)
     try:
         fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:  # (a marker just made stays: the process holding it writes its id there)

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import zip_bomb
+from conftest import assert_one_line_error, run_train, zip_bomb
 
 from model import Net
 from s5.checkpoints import (
@@ -25,6 +25,7 @@ from s5.checkpoints import (
 from s5.config import RECIPES, RunConfig
 from s5.device import set_seed
 from s5.loop import new_history
+from s5.mnist import MNISTDataError
 from s5.optim import get_optimizer, get_scheduler
 
 
@@ -36,11 +37,11 @@ def save_checkpoint(path, model, opt, sched, epoch, history=None, config=None, r
     path.write_bytes(checkpoint_bytes(run, epoch))
 
 
-def _trained_state():
+def _trained_state(recipe="seed"):
     set_seed(0)
     model = Net()
-    opt = get_optimizer(model, RECIPES["seed"])
-    sched = get_scheduler(opt, RECIPES["seed"], 100)
+    opt = get_optimizer(model, RECIPES[recipe])
+    sched = get_scheduler(opt, RECIPES[recipe], 100)
     model(torch.randn(4, 1, 28, 28)).sum().backward()
     opt.step()
     sched.step()
@@ -159,10 +160,10 @@ def test_resume_needs_every_key(tmp_path):
         read_resumable(tmp_path / "model.pt", Net())
 
 
-def _tampered(tmp_path, change):
+def _tampered(tmp_path, change, recipe="seed"):
     """A real resumable checkpoint with one field changed the way a hostile or damaged file might have it."""
-    model, opt, sched = _trained_state()
-    save_checkpoint(tmp_path / "last.pt", model, opt, sched, 1, one_epoch_history(), RunConfig.build("seed"))
+    model, opt, sched = _trained_state(recipe)
+    save_checkpoint(tmp_path / "last.pt", model, opt, sched, 1, one_epoch_history(), RunConfig.build(recipe))
     state = torch.load(tmp_path / "last.pt", weights_only=True)
     change(state)
     torch.save(state, tmp_path / "last.pt")
@@ -178,15 +179,17 @@ def _tampered(tmp_path, change):
     (lambda s: s["config"].update(surprise=1), "unexpected keyword argument 'surprise'"),
     (lambda s: s.update(epoch="1"), "impossible epoch: '1' is not a whole number"),
     (lambda s: s.update(epoch=-5), "impossible epoch: -5 is out of range: give 0 to 20"),
-    (lambda s: s.update(epoch=2), "history: its rows do not match its 2 epochs done"),
-    (lambda s: s["history"].update(epoch=[1.0]), "impossible epoch: 1.0 is not a whole number"),
-    (lambda s: s["history"].update(test_acc=["99"]), "impossible test_acc: '99' is not a whole number|a number"),
-    (lambda s: s["history"].update(test_acc=[]), "history: its rows do not match"),
-    (lambda s: s["history"].update(surprise=[]), "history: not the columns"),
-    (lambda s: s["history"].update(test_acc=7), "impossible test_acc: 7 is not a list"),
-    (lambda s: s.update(history=[1, 2]), "history: not the columns"),
-    (lambda s: s["rng"].update(python="x"), "damaged random-number state"),
-    (lambda s: s.update(run_id="../x"), "damaged run id"),
+    (lambda s: s.update(epoch=2), "history.epoch: no item 1"),
+    (lambda s: s["history"].update(epoch=[1.0]), "impossible history.epoch.0: float where a run has int"),
+    (lambda s: s["history"].update(test_acc=["99"]), "impossible history.test_acc.0: str where a run has float"),
+    (lambda s: s["history"].update(test_acc=[]), "history.test_acc: no item 0"),
+    (lambda s: s["history"].update(epoch=[5]), "history.epoch: not the 1 epochs done"),
+    (lambda s: s["history"].update(test_acc=[float("nan")]), "history.test_acc.0: nan is out of range"),
+    (lambda s: s["history"].update(surprise=[]), "history: unexpected key surprise"),
+    (lambda s: s["history"].update(test_acc=7), "impossible history.test_acc: int where a run has list"),
+    (lambda s: s.update(history=[1, 2]), "history: list where a run has dict"),
+    (lambda s: s["rng"].update(python="x"), "impossible rng: does not load"),
+    (lambda s: s.update(run_id="../x"), "impossible run_id: '../x' is not a run's id"),
     (lambda s: s.update(run_id=5), "impossible run_id: 5 is not a non-empty name"),
 ])
 def test_hostile_or_odd_fields_are_refused_at_load(tmp_path, change, match):
@@ -194,11 +197,94 @@ def test_hostile_or_odd_fields_are_refused_at_load(tmp_path, change, match):
         read_resumable(_tampered(tmp_path, change), Net())
 
 
-def test_what_we_save_we_load_and_wrapped_models(tmp_path):
-    model, opt, sched = _trained_state()
+def test_crafted_cuda_states_are_refused_where_they_would_be_restored(tmp_path, monkeypatch):
+    path = _tampered(tmp_path, lambda s: s["rng"].update(cuda=["x"]))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # as on a GPU machine
+    with pytest.raises(CheckpointError, match="impossible rng: does not load"):
+        read_resumable(path, Net())
+
+
+def train_main(capsys, monkeypatch, *args):
+    """train.py's main in this process, as the command line calls it, up to the data: (exit code, stderr, the data
+    folders it would have fetched into)."""
+    import train
+
+    fetched = []
+
+    def fetch(root=None, *args, **kwargs):
+        fetched.append(root)
+        raise MNISTDataError("stopped before the data")
+
+    monkeypatch.setattr("s5.run.ensure_mnist", fetch)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        train.main(["--no-progress", *map(str, args)])
+    return stop.value.code, capsys.readouterr().err, fetched
+
+
+def _group(state, **values):
+    state["optimizer"]["param_groups"][0].update(values)
+
+
+# Loadable checkpoints that are not what a run saves: each one reached a traceback when it was resumed.
+CRAFTED = [
+    ("seed", "rng: does not load (Expected a CPUGeneratorImplState of size 5056",
+     lambda s: s["rng"].update(torch=torch.zeros(7, dtype=torch.uint8))),
+    ("seed", "scheduler: unexpected key optimizer", lambda s: s["scheduler"].update(optimizer={})),
+    ("seed", "scheduler.step_size: str where a run has int", lambda s: s["scheduler"].update(step_size="abc")),
+    ("seed", "scheduler.step_size: 0 is out of range", lambda s: s["scheduler"].update(step_size=0)),
+    ("seed", "optimizer: no key state", lambda s: s["optimizer"].pop("state")),
+    ("seed", "optimizer.state.0.momentum_buffer: torch.float32 [3] where a run has torch.float32 [32, 1, 3, 3]",
+     lambda s: s["optimizer"]["state"][0].update(momentum_buffer=torch.zeros(3))),
+    ("seed", "optimizer.param_groups.0.lr: str where a run has float", lambda s: _group(s, lr="abc")),
+    ("seed", "optimizer.param_groups.0.momentum: 1.5 is out of range", lambda s: _group(s, momentum=1.5)),
+    ("seed", "optimizer.param_groups.0.params", lambda s: _group(s, params=[0])),
+    ("fast", "optimizer.state.11.exp_avg_sq: torch.float32 [10, 10] where",
+     lambda s: s["optimizer"]["state"][11].update(exp_avg_sq=torch.zeros(10, 10))),
+    ("fast", "optimizer.state.0.step: float where a run has Tensor",
+     lambda s: s["optimizer"]["state"][0].update(step=1.0)),
+    ("fast", "optimizer.param_groups.0.betas", lambda s: _group(s, betas=(0.9,))),
+    ("fast", "scheduler.total_steps: str where a run has int", lambda s: s["scheduler"].update(total_steps="abc")),
+    ("fast", "scheduler._schedule_phases", lambda s: s["scheduler"].update(_schedule_phases=[])),
+    ("fast", "scheduler._schedule_phases.1.end_lr: 'evil' where a run has 'min_lr'",
+     lambda s: s["scheduler"]["_schedule_phases"][1].update(end_lr="evil")),
+]
+
+
+@pytest.mark.parametrize("recipe, field, change", CRAFTED)
+def test_crafted_checkpoints_are_one_line_naming_the_field_before_any_work(tmp_path, capsys, monkeypatch, recipe,
+                                                                            field, change):
+    path = _tampered(tmp_path, change, recipe)
+    code, err, _ = train_main(capsys, monkeypatch, "--resume", path, "--out", tmp_path / "new")
+    assert code == 2 and err.count("\n") == 1 and err.startswith(f"error: {path} ") and field in err, err
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.slow
+def test_a_crafted_checkpoint_resumed_from_the_command_line_is_one_line(tmp_path):
+    path = _tampered(tmp_path, lambda s: _group(s, lr="abc"))  # was "error: Unknown format code 'g' for ... 'str'"
+    assert_one_line_error(run_train("--resume", path, "--out", tmp_path / "new"), 2, str(path),
+                          "optimizer.param_groups.0.lr")
+    assert not (tmp_path / "new").exists()
+
+
+def test_resume_never_fetches_into_the_data_folder_a_checkpoint_names(tmp_path, capsys, monkeypatch):
+    """A checkpoint naming an existing folder (say ~/Documents) as its data folder made a resume fetch MNIST there."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "notes.txt").write_text("my notes")
+    path = _tampered(tmp_path, lambda s: s["config"].update(data_dir=str(home)))
+    code, err, fetched = train_main(capsys, monkeypatch, "--resume", path, "--out", tmp_path / "new")
+    assert code == 2 and f"the run's data folder {home} holds no MNIST: give --data-dir" in err, err
+    assert not fetched and os.listdir(home) == ["notes.txt"] and not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("recipe", ["seed", "fast"])  # SGD and StepLR; AdamW and OneCycleLR
+def test_what_we_save_we_load_and_wrapped_models(tmp_path, recipe):
+    model, opt, sched = _trained_state(recipe)
     history = one_epoch_history()
     history["test_acc"] = [97.5]
-    save_checkpoint(tmp_path / "last.pt", model, opt, sched, 1, history, RunConfig.build("seed"))
+    save_checkpoint(tmp_path / "last.pt", model, opt, sched, 1, history, RunConfig.build(recipe))
     resumed = read_resumable(tmp_path / "last.pt", Net())
     assert resumed.epoch == 1 and resumed.history["test_acc"] == [97.5]
     # Files other code wrote from wrapped models: names with "module." or "_orig_mod." load into a plain Net.
@@ -249,7 +335,7 @@ def test_zip_bomb_is_refused_before_torch_inflates_it(tmp_path, monkeypatch):
         raise AssertionError("torch.load was reached")
 
     monkeypatch.setattr(torch, "load", no_load)
-    with pytest.raises(CheckpointError, match=r"refusing to load .*bomb\.pt: it declares .* bytes uncompressed"):
+    with pytest.raises(CheckpointError, match=r"refusing to load .*bomb\.pt: .* bytes uncompressed: a checkpoint"):
         load_checkpoint(tmp_path / "bomb.pt", Net())
 
 
@@ -257,7 +343,7 @@ def test_archive_with_too_many_entries_is_refused(tmp_path):
     with zipfile.ZipFile(tmp_path / "many.pt", "w") as archive:
         for k in range(MAX_ARCHIVE_ENTRIES + 1):
             archive.writestr(f"archive/data/{k}", b"")
-    with pytest.raises(CheckpointError, match=f"declares {MAX_ARCHIVE_ENTRIES + 1:,} entries"):
+    with pytest.raises(CheckpointError, match=f" {MAX_ARCHIVE_ENTRIES + 1:,} entries, "):
         load_checkpoint(tmp_path / "many.pt")
 
 
@@ -279,5 +365,5 @@ def test_legacy_torch_format_still_loads(tmp_path):
 def test_oversized_file_is_refused_before_reading(tmp_path):
     with open(tmp_path / "big.pt", "wb") as f:
         f.truncate(MAX_ARCHIVE_BYTES + 1)  # sparse: no disk used
-    with pytest.raises(CheckpointError, match="refusing to load .* larger than a checkpoint"):
+    with pytest.raises(CheckpointError, match="refusing to load .*: 67,108,865 bytes, 0 entries"):
         load_checkpoint(tmp_path / "big.pt")

@@ -150,3 +150,44 @@ def test_a_new_claim_of_a_folder_with_a_marker_and_a_run_is_refused(tmp_path):
     run.release()
     with pytest.raises(OutputError, match="already holds a run"):
         RunDir.claim(tmp_path / "run")
+
+
+
+def _give_away(path, how, new_name):
+    """`path` also named `new_name` (a hard link), or moved there and given to another user."""
+    if how == "hard link":
+        os.link(path, new_name)
+    else:
+        os.chown(path, 12345, -1)
+        if path != new_name:
+            path.replace(new_name)
+
+
+@pytest.mark.parametrize("how", ["hard link", "another user's"])
+def test_a_marker_with_another_name_or_owner_is_never_written_through(tmp_path, how):
+    """`ln ~/notes.txt DIR/.s5-run` made a new run truncate notes.txt and write `run <id>|pid N|` into it."""
+    if how == "another user's" and os.geteuid() != 0:
+        pytest.skip("only root can give a file to another user")
+    notes, out = tmp_path / "notes.txt", tmp_path / "out"
+    notes.write_text("my notes")
+    out.mkdir()
+    _give_away(notes, how, out / MARKER)
+    with pytest.raises(OutputError, match="is not a run's marker file") as err:
+        RunDir.claim(out)
+    assert err.value.kind == "not_empty" and (out / MARKER).read_text() == "my notes"
+    run = RunDir.claim(tmp_path / "run")  # a resume in place, whose marker has a second name (or owner) now
+    run.write("last.pt", b"checkpoint")
+    run.release()
+    marker = tmp_path / "run" / MARKER
+    _give_away(marker, how, tmp_path / "elsewhere" if how == "hard link" else marker)
+    marker.write_text(f"run {run.run_id}\nmy notes\n")
+    with pytest.raises(OutputError, match="is not a run's marker file") as err:
+        RunDir.claim(tmp_path / "run", run_id=run.run_id)
+    assert err.value.kind == "not_this_run" and marker.read_text() == f"run {run.run_id}\nmy notes\n"
+
+
+def test_new_run_folders_in_an_unusable_place_are_one_line(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputError, match="cannot create a run folder in .*file") as err:
+        RunDir.claim_new(tmp_path / "file", "seed-20261125-120000")
+    assert err.value.kind == "unwritable"
