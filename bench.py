@@ -10,6 +10,7 @@ contiguous or channels_last); evaluation likewise; each convolution alone, which
 Accuracy over seeds moved to sweep.py. Exit: 0 done, 1 --compile or train.py failed, 2 usage/data error, 130 stopped.
 """
 
+import s5.startup  # noqa: F401  # isort: skip  (first: a signal while torch imports is one line, exit 130)
 import csv
 import itertools
 import json
@@ -33,12 +34,20 @@ MIN_BATCHES = 10
 PASSES = {"forward": "torch.conv2d(x, w, None, c.stride, c.padding, c.dilation, c.groups)",
           "grad weight": "torch.autograd.grad(y, w, g, retain_graph=True)",
           "grad input": "torch.autograd.grad(y, x, g, retain_graph=True)"}  # not the first layer's: images need none
+# The original pipeline; not persistent: the workers stop when a timing ends, instead of prefetching during the next.
+CLASSIC = {"loader": "classic", "num_workers": 2, "pin_memory": True, "persistent_workers": False}
 
 
-def train_throughput(model, loader, amp_dtype, batches, warmup=3):
-    """(img/s, warm-up seconds) of loop.train_epoch over a Step with the seed recipe's SGD: `batches` batches (epoch
-    after epoch: a window may cross an epoch's end) after `warmup` untimed ones (where a compiled model compiles)."""
-    step = loop.Step(model, optim.get_optimizer(model, config.RECIPES["seed"]), optim.get_loss(), amp_dtype=amp_dtype)
+def new_net(device, channels_last):
+    """A fresh Net on `device`: its initial weights do not change a timing."""
+    return Net().to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+
+
+def train_throughput(model, loader, amp_dtype, batches, recipe=config.RECIPES["seed"], warmup=3):
+    """(img/s, warm-up seconds) of loop.train_epoch with `recipe`'s optimizer and loss (bench's rows, sweep's estimate):
+    `batches` batches, epoch after epoch, after `warmup` untimed ones (where a compiled model compiles)."""
+    optimizer, _, loss_fn = optim.build_training(model, recipe, len(loader))
+    step = loop.Step(model, optimizer, loss_fn, amp_dtype=amp_dtype)
     stream, timings = itertools.chain.from_iterable(itertools.repeat(loader)), []
     for n in (warmup, batches):  # train_epoch ends with .item(): a GPU is synchronised
         sizes, start = [], time.perf_counter()
@@ -70,49 +79,46 @@ def conv_seconds(model, device, batch_size, dtype):
 
 
 def bench(args):
-    device, figures, fast = get_device(args.device), {}, config.RECIPES["fast"]
+    device, figures = get_device(args.device), {}
     splits = {train: mnist.load_split(train, args.data_dir) for train in (True, False)}
     amp = amp_dtype_for(device, True)  # mixed precision forced on (on a CPU, bf16 even where it is emulated)
 
-    def loader(batch_size, train, **kw):
-        return data.make_loader(*splits[train], batch_size=batch_size, train=train, device=device, **kw)
-
-    def model(channels_last):  # a fresh Net: its initial weights do not change the timings
-        return Net().to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
-
-    def report(kind, key, pipeline, dtype, channels_last, batches):
-        net, start = model(channels_last), time.perf_counter()  # evaluation: predict_loader, what every one runs
-        img_s = (train_throughput(net, batches, dtype, args.batches)[0] if kind == "train" else
+    def row(kind, key, pipeline, dtype, channels_last):  # training at --batch-size; evaluation as runs evaluate
+        train, classic = kind == "train", CLASSIC if key.startswith("classic") else {}
+        batches = data.make_loader(*splits[train], args.batch_size if train else data.TEST_BATCH, train,
+                                   device=device, **classic)
+        net, start = new_net(device, channels_last), time.perf_counter()
+        img_s = (train_throughput(net, batches, dtype, args.batches)[0] if train else
                  len(evaluation.predict_loader(net, batches, device, dtype).labels) / (time.perf_counter() - start))
         figures[f"{kind}_{key}_img_s"] = round(img_s, 1)
         layout = "channels_last" if channels_last else "contiguous"
         print(f"{kind:<6}{pipeline:<20}{str(dtype or 'fp32'):<16}{layout:<15}{img_s:>8.0f} img/s", flush=True)
 
-    # Not persistent: the workers stop when a timing ends, instead of prefetching during the next one.
-    classic = {"loader": "classic", "num_workers": 2, "pin_memory": True, "persistent_workers": False}
-    train_classic = loader(args.batch_size, True, **classic)
-    # The original pipeline first: keep_freed_memory() cannot be undone within a process.
-    report("train", "classic_fp32", "classic DataLoader", None, False, train_classic)
-    report("eval", "classic_fp32", "classic DataLoader", None, False, loader(data.TEST_BATCH, False, **classic))
+    row("train", "classic_fp32", "classic DataLoader", None, False)  # first: keep_freed_memory() cannot be undone
+    row("eval", "classic_fp32", "classic DataLoader", None, False)
     if device.type == "cpu" and keep_freed_memory():
-        report("train", "classic_fp32_kept", "classic, kept mem", None, False, train_classic)
+        row("train", "classic_fp32_kept", "classic, kept mem", None, False)
     for key, dtype, cl in [("fp32", None, False), ("fp32_cl", None, True), ("amp", amp, False), ("amp_cl", amp, True)]:
-        report("train", "fast_" + key, "fast loader", dtype, cl, loader(args.batch_size, True))
-    report("eval", "fast_amp_cl", "fast loader", amp, True, loader(data.TEST_BATCH, False))
+        row("train", "fast_" + key, "fast loader", dtype, cl)
+    row("eval", "fast_amp_cl", "fast loader", amp, True)
     print(f"\neach convolution alone, batch {args.batch_size}, {amp or 'fp32'}, channels_last:")
-    seconds = conv_seconds(model(True), device, args.batch_size, amp)
+    seconds = conv_seconds(new_net(device, True), device, args.batch_size, amp)
     ceiling = figures["conv_only_ceiling_img_s"] = round(args.batch_size / seconds, 1)
     figures["conv_only_ms_per_batch"] = round(seconds * 1e3, 1)
     print(f"  all convolutions: {seconds * 1e3:.1f} ms a batch, so at most {ceiling:.0f} img/s; the fast path reached "
           f"{figures['train_fast_amp_cl_img_s'] / ceiling:.0%} of that\n")
     speedups(figures)
     if args.compile:  # the training step at the fast recipe's batch, eager against compiled
-        figures["compile"] = compile_figures(model, loader(fast.batch_size, True), amp, args.batches)
+        figures["compile"] = compile_figures(device, splits[True], amp, args.batches)
     if args.time_to_target:
         figures.update(time_to_target(args))
-    print(json.dumps({**figures, "cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__,
-                      "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
-                      "batch_size": args.batch_size, "eval_batch_size": data.TEST_BATCH}), flush=True)
+    print(json.dumps({**figures, **machine(device), "batch_size": args.batch_size, "eval_batch_size": data.TEST_BATCH}))
+
+
+def machine(device):
+    """What a measurement ran on, for a JSON line (bench.py's and sweep.py's)."""
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type}
 
 
 def speedups(figures):
@@ -125,12 +131,13 @@ def speedups(figures):
             print(f"{kind} speedup, {new} over {old}: {figures[key]:.2f}x", flush=True)
 
 
-def compile_figures(model, batches, amp, n_batches):
+def compile_figures(device, train_split, amp, n_batches):
     """Eager against torch.compile (inductor) on the same training step: img/s, compile seconds, payback steps."""
     fast = config.RECIPES["fast"]
+    batches = data.make_loader(*train_split, fast.batch_size, True, device=device)
     try:
-        (eager, eager_warmup), (compiled, compiled_warmup) = [train_throughput(net, batches, amp, n_batches)
-                                                              for net in (model(True), torch.compile(model(True)))]
+        eager, eager_warmup = train_throughput(new_net(device, True), batches, amp, n_batches)
+        compiled, compiled_warmup = train_throughput(torch.compile(new_net(device, True)), batches, amp, n_batches)
     except Exception as e:  # inductor's errors (no C++ compiler, an unsupported device) have many types
         cli.fail(f"torch.compile failed here ({errors.first_line(e)}): on the CPU it needs a C++ compiler (g++ or "
                  "clang); leave out --compile", cli.EXIT_FAILED)

@@ -9,6 +9,7 @@ last.pt (every epoch), best.pt, model.pt, confusion_matrix.png, misclassified.pn
 Exit status: 0 done, 1 diverged or could not write, 2 usage or data error, 130 interrupted.
 """
 
+import s5.startup  # noqa: F401  # isort: skip  (first: a signal while torch imports is one line, exit 130)
 import argparse
 import time
 from pathlib import Path
@@ -17,23 +18,19 @@ import matplotlib
 import torch
 
 from model import Net
-from s5 import checkpoints, cli, config, distributed, files, loop
+from s5 import callbacks, checkpoints, cli, config, distributed, mnist
 from s5.device import get_device
 from s5.errors import UserError
 from s5.run import Run
 
 RUN_FIELDS = ("seed", "deterministic", "device", "data_dir", "out", "train_subset", "val_split", "loader", "workers",
               "amp", "channels_last", "progress", "tensorboard")
-# What ends a run part-way: it says what was kept and how to go on (cli.stopped_message).
-STOPS = (KeyboardInterrupt, loop.TrainingDivergedError, torch.OutOfMemoryError, MemoryError, files.OutputError,
-         distributed.GroupError)
 
 
 def build_parser():
     p = cli.ArgumentParser(description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS)
     cli.add_flags(p, ["name"], {"name": "seed"})  # absent flags leave no value: the configuration's apply
-    recipe = p.add_argument_group("the recipe's values (default: the recipe's)")
-    cli.add_flags(recipe, config.RECIPE_FIELDS)
+    cli.add_flags(p.add_argument_group("the recipe's values (default: the recipe's)"), config.RECIPE_FIELDS)
     default = config.RunConfig(config.RECIPES["seed"]).to_dict()
     cli.add_flags(p, RUN_FIELDS, {k: v for k, v in default.items() if v not in (None, False)})
     p.add_argument("--resume", metavar="CHECKPOINT", help="continue the run saved in CHECKPOINT (its last.pt)")
@@ -42,14 +39,14 @@ def build_parser():
 
 def configure(given, ctx):
     """The run's configuration and, for --resume, its checkpoint: checked, before anything is claimed."""
-    resume_path = given.pop("resume", None)
-    if resume_path is None:
+    if "resume" not in given:
         return config.RunConfig.build(given.pop("name", "seed"), **given), None
-    resume = checkpoints.read_resumable(Path(resume_path).expanduser(), Net())
+    resume = checkpoints.read_resumable(Path(given.pop("resume")).expanduser(), Net())
     run_config, changed = resume.config.resumed({"recipe" if k == "name" else k: v for k, v in given.items()},
                                                 resume.epoch)
-    if "data_dir" not in given and not Path(run_config.data_dir).is_dir():
-        raise UserError(f"the run's data folder {run_config.data_dir} is gone: give --data-dir where MNIST is now")
+    if "data_dir" not in given and not mnist.raw_dir(run_config.data_dir).is_dir():  # never fetch where it names
+        why = "holds no MNIST" if Path(run_config.data_dir).is_dir() else "is gone"
+        raise UserError(f"the run's data folder {run_config.data_dir} {why}: give --data-dir where MNIST is now")
     if changed and ctx.is_main:
         print("changed for the resumed run: " + ", ".join(f"{cli.flag(k)} {old} -> {new}"
                                                           for k, (old, new) in changed.items()))
@@ -67,16 +64,15 @@ def main(argv=None):
             cli.show_logs(ctx.is_main)
             run_config, resume = configure(given, ctx)
             if run_config.tensorboard:
-                from s5.tensorboard import check_installed
-                check_installed()
+                callbacks.check_installed()
             device = distributed.setup(ctx, get_device(run_config.device))
             with Run(run_config, device, ctx, resume, started) as run:
                 try:
                     run.fit()
-                except STOPS as e:
+                except (KeyboardInterrupt, FloatingPointError, MemoryError, torch.OutOfMemoryError, UserError) as e:
                     if ctx.is_main and isinstance(e, KeyboardInterrupt):
                         print(flush=True)  # end the progress bar's line
-                    cli.fail(*cli.stopped_message(e, run), speak=ctx.is_main)
+                    cli.fail(*cli.stopped_message(e, run), speak=ctx.is_main)  # ended part-way: what was kept
     except UserError as e:
         cli.fail(cli.message(e), e.exit_code, speak=ctx.is_main)
     except KeyboardInterrupt:
