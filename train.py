@@ -11,6 +11,7 @@ Exit status: 0 done, 1 diverged or could not write, 2 usage or data error, 130 i
 
 import s5.startup  # noqa: F401  # isort: skip  (first: a signal while torch imports is one line, exit 130)
 import argparse
+import os
 import time
 from pathlib import Path
 
@@ -44,8 +45,8 @@ def configure(given, ctx):
     resume = checkpoints.read_resumable(Path(given.pop("resume")).expanduser(), Net())
     run_config, changed = resume.config.resumed({"recipe" if k == "name" else k: v for k, v in given.items()},
                                                 resume.epoch)
-    if "data_dir" not in given and not mnist.raw_dir(run_config.data_dir).is_dir():  # never fetch where it names
-        why = "holds no MNIST" if Path(run_config.data_dir).is_dir() else "is gone"
+    if "data_dir" not in given and not os.path.isdir(mnist.raw_dir(run_config.data_dir)):  # never fetch there
+        why = "holds no MNIST" if os.path.isdir(run_config.data_dir) else "is gone"
         raise UserError(f"the run's data folder {run_config.data_dir} {why}: give --data-dir where MNIST is now")
     if changed and ctx.is_main:
         print("changed for the resumed run: " + ", ".join(f"{cli.flag(k)} {old} -> {new}"
