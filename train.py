@@ -19,7 +19,7 @@ import matplotlib
 import torch
 
 from model import Net
-from s5 import callbacks, checkpoints, cli, config, distributed, mnist
+from s5 import callbacks, checkpoints, cli, config, distributed, loop, mnist
 from s5.device import get_device
 from s5.errors import UserError
 from s5.run import Run
@@ -81,7 +81,7 @@ def main(argv=None):
     finally:
         distributed.teardown()
     if ctx.is_main:
-        best = max(run.history[run_config.evaluated_on + "_acc"])
+        best = max(run.history[loop.evaluated(run_config.evaluated_on)[2]])
         print(f"final test accuracy {run.test_acc:.2f}% ({'best validation' if run_config.val_split else 'best'} "
               f"{best:.2f}%), {run.history['elapsed_seconds'][-1]:.0f} s; outputs in {run.folder}/")
 

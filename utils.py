@@ -13,6 +13,7 @@ configuration's fields (s5.config); the rest are the core's own. Importing this 
 
 from s5 import loop as _loop
 from s5 import optim as _optim
+from s5.callbacks import TensorBoardLog
 from s5.checkpoints import CheckpointError, load_checkpoint, save_weights
 from s5.cli import show_logs as _show_logs
 from s5.config import FIELDS, RECIPES, ConfigError, Field, Recipe, RunConfig, check, get_recipe
@@ -35,7 +36,6 @@ from s5.plots import (
 )
 from s5.receptive_field import receptive_field
 from s5.run import Run
-from s5.tensorboard import TensorBoardLog
 
 _show_logs()
 _FAST_KWARGS = {"batch_size", "shuffle", "drop_last", "num_workers", "pin_memory", "persistent_workers",

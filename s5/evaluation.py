@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from s5.config import Field
 from s5.data import MEAN, STD
 from s5.device import as_device
 
@@ -41,17 +42,15 @@ def predict_loader(model, loader, device, amp_dtype=None, *, keep_images=False, 
     """Model outputs and labels for every batch of `loader` (and the images if asked), as Predictions."""
     device = as_device(device)
     model.eval()
-    outs, labels, images = [], [], []
+    batches = []
     for data, target in tqdm(loader, disable=not progress, desc="Test", dynamic_ncols=True, leave=False):
         data = data.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            outs.append(model(data).float().cpu())
-        labels.append(target.cpu())
-        if keep_images:
-            images.append(data.cpu())
-    if not outs:
+            batches.append((model(data).float().cpu(), target.cpu(), data.cpu() if keep_images else None))
+    if not batches:
         raise ValueError("the loader gave no batches: nothing to evaluate")
-    return Predictions(torch.cat(outs), torch.cat(labels), torch.cat(images) if keep_images else None)
+    log_probs, labels, images = zip(*batches)
+    return Predictions(torch.cat(log_probs), torch.cat(labels), torch.cat(images) if keep_images else None)
 
 
 def confusion_matrix(predictions):
@@ -61,8 +60,7 @@ def confusion_matrix(predictions):
 
 def misclassified(predictions, k=16):
     """The k most confident mistakes (dicts of image, true, predicted, probability) of a result with its images."""
-    if k < 0:  # a negative slice would silently drop the last mistakes instead
-        raise ValueError(f"misclassified needs k >= 0 (how many mistakes to return), got k={k}")
+    Field(int, 0).check("k", k)  # a negative slice would silently drop the last mistakes instead
     if predictions.images is None:
         raise ValueError("misclassified needs the images: use predict_loader(..., keep_images=True)")
     probs, preds = predictions.log_probs.exp().max(1)

@@ -1,9 +1,7 @@
 """The training loop every run, the notebook, the sweep and the benchmark share: one step, one epoch, one evaluation.
 
-`Step` is one optimizer step on a batch, as pytorch/examples writes it. `train_epoch` runs it over a loader and
-keeps the figures (running sums on the device, a NaN check and a progress line every REFRESH_EVERY batches, a row
-of step records); `evaluate` measures a model over a loader. Under torchrun (`ctx` active) every figure is summed
-over all processes, so every rank sees the same numbers and takes the same decisions.
+`Step` is one optimizer step on a batch, as pytorch/examples writes it. Under torchrun (`ctx` active) every figure
+is summed over all processes, so every rank sees the same numbers and takes the same decisions.
 """
 
 import math
@@ -15,14 +13,20 @@ from s5 import distributed
 from s5.evaluation import predict_loader
 
 REFRESH_EVERY = 10  # batches between progress-bar updates, NaN checks and step records (each syncs a GPU)
-# A run's history: metrics.csv's columns (one row an epoch; the evaluation named after its images, "test" or "val")
-# and steps.csv's (a row every REFRESH_EVERY batches), with how each is written.
+# A run's history: steps.csv's columns (a row every REFRESH_EVERY batches) and metrics.csv's (a row an epoch), formats.
 STEP_COLUMNS = {"step_epoch": ".4f", "step_lr": ".6g", "step_train_loss": ".6f", "step_train_acc": ".2f"}
 
 
+def evaluated(evaluated_on="test"):
+    """What each epoch's evaluation is called: its images ("test", or "validation" for held-out training images),
+    and its loss's and accuracy's columns in the history."""
+    return "validation" if evaluated_on == "val" else "test", f"{evaluated_on}_loss", f"{evaluated_on}_acc"
+
+
 def epoch_columns(evaluated_on="test"):
-    return {"epoch": "d", "lr": ".6g", "train_loss": ".6f", "train_acc": ".2f", f"{evaluated_on}_loss": ".6f",
-            f"{evaluated_on}_acc": ".2f", "train_seconds": ".2f", "elapsed_seconds": ".2f"}
+    _, loss, acc = evaluated(evaluated_on)
+    return {"epoch": "d", "lr": ".6g", "train_loss": ".6f", "train_acc": ".2f", loss: ".6f", acc: ".2f",
+            "train_seconds": ".2f", "elapsed_seconds": ".2f"}
 
 
 def new_history(evaluated_on="test"):
@@ -59,60 +63,55 @@ class Step:
 
 
 def train_epoch(step, loader, ctx=distributed.SINGLE, progress=True, history=None, epoch_before=0):
-    """One training epoch of `step` over `loader`; returns its mean loss and accuracy (%).
-
-    `history` (a `new_history()`), when given, gets a step row every REFRESH_EVERY batches: the fractional
-    epoch (this is epoch `epoch_before` + 1), the learning rate, the mean loss and accuracy since the last row.
-    Raises TrainingDivergedError as soon as the loss is NaN or infinite.
-    """
+    """One training epoch of `step` over `loader`; returns its mean loss and accuracy (%). Every REFRESH_EVERY
+    batches the sums so far (over every process) are checked (TrainingDivergedError for a NaN or infinite loss)
+    and shown, and `history`, if given, gets a step row: the fractional epoch (this is epoch `epoch_before` + 1),
+    the learning rate, the mean loss and accuracy since the last row."""
     step.model.train()
-    tally = _Tally(step, ctx, history, epoch_before, len(loader) if hasattr(loader, "__len__") else None)
     bar = tqdm(loader, disable=not (progress and ctx.is_main), dynamic_ncols=True, leave=False)
+    tally = _Tally(step, ctx, bar, history, epoch_before, len(loader) if hasattr(loader, "__len__") else None)
     for data, target in bar:
         data, target = data.to(step.device, non_blocking=True), target.to(step.device, non_blocking=True)
         output, loss = step(data, target)
-        tally.add(output, target, loss, bar)
+        tally.add(output, target, loss)
     if tally.batches == 0:
         raise ValueError("the training loader gave no batches: nothing to train on")
-    loss_sum, correct, seen = tally.sync(bar, final=True)
+    loss_sum, correct, seen = tally.sync(final=True)
     return loss_sum / seen, 100 * correct / seen
 
 
 class _Tally:
-    """An epoch's running sums on the device, synced (over every process), checked and shown every few batches."""
+    """An epoch's running sums (loss, correct, seen): on the device, read and added up over every process by
+    `sync`."""
 
-    def __init__(self, step, ctx, history, epoch_before, n_batches):
-        self.step, self.ctx, self.history, self.epoch_before, self.n_batches = step, ctx, history, epoch_before, \
-            n_batches
+    def __init__(self, step, ctx, bar, history, epoch_before, n_batches):
+        self.step, self.ctx, self.bar, self.history, self.epoch_before = step, ctx, bar, history, epoch_before
+        self.n_batches, self.batches, self.last_loss, self.last_row = n_batches, 0, None, (0.0, 0, 0)
         self.loss_sum = torch.zeros((), device=step.device)
-        self.correct = torch.zeros((), dtype=torch.int64, device=step.device)
-        self.seen = torch.zeros((), dtype=torch.int64, device=step.device)
-        self.batches, self.last_loss, self.last_row = 0, None, (0.0, 0, 0)
+        self.correct, self.seen = torch.zeros(2, dtype=torch.int64, device=step.device)
 
-    def add(self, output, target, loss, bar):
+    def add(self, output, target, loss):
         self.loss_sum += loss.float() * len(target)
         self.correct += count_correct(output, target)
         self.seen += len(target)
         self.batches, self.last_loss = self.batches + 1, loss
         if self.batches % REFRESH_EVERY == 0:
-            self.sync(bar)
+            self.sync()
 
-    def sync(self, bar, final=False):
-        """The sums over every process so far: a NaN stops every rank at once; a step row when new batches came."""
-        sums = distributed.all_sum(self.ctx, self.loss_sum.clone(), self.correct.clone(), self.seen.clone())
-        totals = loss_sum, correct, seen = tuple(t.item() for t in sums)
+    def sync(self, final=False):
+        totals = loss_sum, correct, seen = distributed.all_sum(
+            self.ctx, torch.stack((self.loss_sum, self.correct, self.seen)))[0].tolist()
         if not math.isfinite(loss_sum):
             raise TrainingDivergedError(f"training diverged: loss is {loss_sum / max(seen, 1)} at batch "
                                         f"{self.batches - 1}; lower the learning rate")
-        bar.set_description(f"Train: Loss={self.last_loss.item():0.4f} Batch_id={self.batches - 1} "
-                            f"Accuracy={100 * correct / max(seen, 1):0.2f}")
+        self.bar.set_description(f"Train: Loss={self.last_loss.item():0.4f} Batch_id={self.batches - 1} "
+                                 f"Accuracy={100 * correct / max(seen, 1):0.2f}")
         if self.history is not None and seen > self.last_row[2]:
             done = 1.0 if final or not self.n_batches else min(self.batches / self.n_batches, 1.0)
             n = seen - self.last_row[2]
-            for key, value in (("step_epoch", self.epoch_before + done),
-                               ("step_lr", self.step.optimizer.param_groups[0]["lr"]),
-                               ("step_train_loss", (loss_sum - self.last_row[0]) / n),
-                               ("step_train_acc", 100 * (correct - self.last_row[1]) / n)):
+            row = (self.epoch_before + done, self.step.optimizer.param_groups[0]["lr"],
+                   (loss_sum - self.last_row[0]) / n, 100 * (correct - self.last_row[1]) / n)
+            for key, value in zip(STEP_COLUMNS, row):
                 self.history[key].append(value)
             self.last_row = totals
         return totals
@@ -141,5 +140,5 @@ def evaluate(model, loader, loss_fn, device, ctx=distributed.SINGLE, amp_dtype=N
 
 def report_line(loss, n_correct, n, evaluated_on="test"):
     """The original notebook's line after each evaluation ("Validation set" for held-out training images)."""
-    images = "Validation" if evaluated_on == "val" else "Test"
-    return f"{images} set: Average loss: {loss:.4f}, Accuracy: {n_correct}/{n} ({100.0 * n_correct / n:.2f}%)"
+    return (f"{evaluated(evaluated_on)[0].capitalize()} set: Average loss: {loss:.4f}, Accuracy: {n_correct}/{n} "
+            f"({100.0 * n_correct / n:.2f}%)")

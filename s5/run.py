@@ -1,13 +1,9 @@
-"""One training run: its state built once from a `RunConfig`, and the epoch loop that every entry point drives.
+"""One training run: its state, built once from a `RunConfig`, and `fit`, the epoch loop every entry point drives.
 
     with Run(config, device) as run:   # claims the folder; builds data, model, optimizer, scheduler, history
-        run.fit()                      # train, evaluate, tell the callbacks; then the final outputs
+        run.fit()                      # train, evaluate, tell the callbacks (s5.callbacks: what a run writes)
 
-The folder is claimed first (s5.files.RunDir: new or empty, or the resumed run's own), so a refused run leaves
-nothing behind. What a run writes is the callbacks' job (s5.callbacks): checkpoints, metrics.csv and steps.csv,
-the curves, TensorBoard, the collapse check. Under torchrun every process builds its Run with its `ctx`; rank 0
-alone claims, logs and writes. A resume restores model, optimizer, scheduler, RNG states and history from a
-`checkpoints.Resumable`, so the run goes on exactly where it stopped.
+Under torchrun every process builds its Run with its `ctx`; rank 0 alone claims the folder, logs and writes.
 """
 
 import logging
@@ -31,8 +27,8 @@ log = logging.getLogger(__name__)
 
 
 class Run:
-    """A training run's state: configuration, device, process context, folder, model, optimizer, scheduler,
-    loaders and history. `fit()` trains the remaining epochs and writes the final outputs."""
+    """A run's state. The folder is claimed first (s5.files.RunDir), so a refused run leaves nothing behind; a
+    resume (a `checkpoints.Resumable`) restores model, optimizer, scheduler, RNG states and history."""
 
     def __init__(self, config, device, ctx=distributed.SINGLE, resume=None, started=None):
         self.started = time.perf_counter() if started is None else started
@@ -57,17 +53,15 @@ class Run:
                 run_dir = claim_folder(config, self.resume)
             except OutputError as e:
                 failure = e
-        shared = distributed.broadcast(self.ctx, (str(run_dir.path) if run_dir else None, str(failure or ""),
-                                                  getattr(failure, "kind", None)))
-        if failure is not None:
-            raise failure
-        if shared[0] is None:
-            raise OutputError(shared[1], shared[2])
-        self.folder = Path(shared[0])
+        folder, message, kind = distributed.broadcast(self.ctx, (run_dir and str(run_dir.path), str(failure or ""),
+                                                                 getattr(failure, "kind", None)))
+        if folder is None:
+            raise failure or OutputError(message, kind)
+        self.folder = Path(folder)
         return run_dir
 
     def _build(self):
-        config, ctx, device = self.config, self.ctx, self.device
+        config, ctx, device, resume = self.config, self.ctx, self.device, self.resume
         set_seed(config.seed, config.deterministic)
         torch.backends.cudnn.benchmark = not config.deterministic  # time convolution algorithms once, keep the fastest
         if device.type == "cpu":
@@ -85,8 +79,13 @@ class Run:
         self.optimizer, self.scheduler, loss_fn = optim.build_training(self.model, config.recipe,
                                                                        len(self.train_loader), verbose=True)
         self.history, self.start_epoch = loop.new_history(config.evaluated_on), 1
-        if self.resume is not None:
-            self._restore(self.resume)
+        if resume is not None:
+            for part in ("model", "optimizer", "scheduler"):
+                getattr(self, part).load_state_dict(resume.state[part])
+            checkpoints.set_rng_state(resume.state["rng"])
+            self.history, self.start_epoch = resume.history, resume.epoch + 1
+            log.info(f"resuming {resume.path} at epoch {self.start_epoch}" if self.start_epoch <= config.epochs
+                     else f"{resume.path} has all {config.epochs} epochs done: writing the final outputs")
         # What every accuracy is of; data-parallel: gradients averaged, checkpoints of the plain `model`.
         self.evaluated = evaluation.ShiftAveraged(self.model) if config.recipe.tta else self.model
         trained = DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None) \
@@ -95,18 +94,8 @@ class Run:
                               self.scheduler if optim.steps_per_batch(self.scheduler) else None, self.amp_dtype)
         self.callbacks = callbacks.for_run(self) if self.run_dir is not None else []
 
-    def _restore(self, resume):
-        self.model.load_state_dict(resume.state["model"])
-        self.optimizer.load_state_dict(resume.state["optimizer"])
-        self.scheduler.load_state_dict(resume.state["scheduler"])
-        checkpoints.set_rng_state(resume.state["rng"])
-        self.history, self.start_epoch = resume.history, resume.epoch + 1
-        log.info(f"resuming {resume.path} at epoch {self.start_epoch}" if self.start_epoch <= self.config.epochs
-                 else f"{resume.path} has all {self.config.epochs} epochs done: writing the final outputs")
-
     def fit(self):
-        """The epoch loop: train an epoch, evaluate, step an epoch-wise schedule, record, tell the callbacks; then
-        the final outputs."""
+        """The epoch loop (train, evaluate, step an epoch-wise schedule, record, tell the callbacks), then `finish`."""
         config, history = self.config, self.history
         elapsed_before = history["elapsed_seconds"][-1] if history["elapsed_seconds"] else 0.0
         with out_of_memory_typed(), distributed.group_errors(self.ctx):
@@ -136,8 +125,7 @@ class Run:
         return loop.evaluate(self.evaluated, loader, F.nll_loss, self.device, self.ctx, self.amp_dtype, progress)
 
     def finish(self):
-        """The test set's figures (evaluated once, at the end, after a validation split), then the callbacks'
-        final outputs."""
+        """The test set's loss and accuracy (after a validation split, evaluated now), then the final outputs."""
         if self.val_loader is None:
             self.test_loss, self.test_acc = self.history["test_loss"][-1], self.history["test_acc"][-1]
         else:  # the test set, once: every choice was made on validation

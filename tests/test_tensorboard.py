@@ -1,5 +1,7 @@
-"""s5/tensorboard.py: a run's history in TensorBoard's event files, each point once, across a resume, read back
-with TensorBoard's own reader."""
+"""s5.callbacks.TensorBoardLog: a run's history in TensorBoard's event files, each point once, across a resume, read
+back with TensorBoard's own reader."""
+import os
+import socket
 import sys
 
 import matplotlib.pyplot as plt
@@ -7,7 +9,7 @@ import numpy as np
 import pytest
 
 from s5 import loop
-from s5.tensorboard import EPOCH_TAGS, STEP_TAGS, TensorBoardLog, TensorBoardMissingError, global_step
+from s5.callbacks import EPOCH_TAGS, STEP_TAGS, TensorBoardLog, TensorBoardMissingError, global_step
 
 event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
 
@@ -93,6 +95,28 @@ def test_a_new_run_in_an_empty_folder(tmp_path):
     acc = read(tmp_path / "run")
     assert [(s.step, s.value) for s in acc.Scalars("epoch/lr")] == expected_points(history)["epoch/lr"]
     assert len(acc.Scalars("step/lr")) == 2 * STEP_ROWS
+
+
+def test_an_event_file_is_never_written_through_a_link_planted_under_its_name(tmp_path, monkeypatch):
+    """Issue 26: SummaryWriter opens its event file by path (events.out.tfevents.<time>.<host>.<pid>.<n>): a link
+    planted there, in a run's folder resumed in place, must not lead it to write over a file outside."""
+    from tensorboard.summary.writer import event_file_writer
+
+    monkeypatch.setattr(event_file_writer.time, "time", lambda: 1_700_000_000.0)  # the name made predictable
+    monkeypatch.setattr(event_file_writer, "_global_uid", event_file_writer.AtomicCounter(0))
+    outside = tmp_path / "notes.txt"
+    outside.write_bytes(b"my notes")
+    run = tmp_path / "run"
+    run.mkdir()
+    planted = run / f"events.out.tfevents.1700000000.{socket.gethostname()}.{os.getpid()}.0"
+    planted.symlink_to(outside)
+    with TensorBoardLog(run, first(fake_history(2), 1)) as log:
+        log.epoch(fake_history(2))
+    assert outside.read_bytes() == b"my notes" and planted.is_symlink()
+    written = [p for p in run.iterdir() if p != planted]
+    assert len(written) == 1 and written[0].is_file() and not written[0].is_symlink()
+    planted.unlink()  # TensorBoard's reader would follow it
+    assert [s.step for s in read(run).Scalars("epoch/lr")] == [2000]
 
 
 def test_without_the_tensorboard_package_one_line_names_the_requirements(tmp_path, monkeypatch):
