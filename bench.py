@@ -12,7 +12,6 @@ Accuracy over seeds moved to sweep.py. Exit: 0 done, 1 --compile or train.py fai
 
 import s5.startup  # noqa: F401  # isort: skip  (first: a signal while torch imports is one line, exit 130)
 import csv
-import itertools
 import json
 import math
 import os
@@ -25,8 +24,8 @@ import timeit
 import torch
 
 from model import INPUT_SHAPE, Net
-from s5 import cli, config, data, errors, evaluation, loop, mnist, optim
-from s5.device import amp_dtype_for, cpu_name, get_device, keep_freed_memory
+from s5 import cli, config, data, errors, evaluation, loop, mnist
+from s5.device import amp_dtype_for, get_device, keep_freed_memory, machine
 
 # The classic loader's 2 workers have 4 batches prefetched when timing starts; with fewer than about ten timed
 # batches those free ones, and one step's jitter, make the ratios noise (--batches 1 printed 23x).
@@ -41,20 +40,6 @@ CLASSIC = {"loader": "classic", "num_workers": 2, "pin_memory": True, "persisten
 def new_net(device, channels_last):
     """A fresh Net on `device`: its initial weights do not change a timing."""
     return Net().to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
-
-
-def train_throughput(model, loader, amp_dtype, batches, recipe=config.RECIPES["seed"], warmup=3):
-    """(img/s, warm-up seconds) of loop.train_epoch with `recipe`'s optimizer and loss (bench's rows, sweep's estimate):
-    `batches` batches, epoch after epoch, after `warmup` untimed ones (where a compiled model compiles)."""
-    optimizer, _, loss_fn = optim.build_training(model, recipe, len(loader))
-    step = loop.Step(model, optimizer, loss_fn, amp_dtype=amp_dtype)
-    stream, timings = itertools.chain.from_iterable(itertools.repeat(loader)), []
-    for n in (warmup, batches):  # train_epoch ends with .item(): a GPU is synchronised
-        sizes, start = [], time.perf_counter()
-        loop.train_epoch(step, ((sizes.append(len(y)), (x, y))[1] for x, y in itertools.islice(stream, n)),
-                         progress=False)
-        timings.append((time.perf_counter() - start, sum(sizes)))
-    return timings[1][1] / timings[1][0], timings[0][0]
 
 
 def conv_seconds(model, device, batch_size, dtype):
@@ -88,7 +73,7 @@ def bench(args):
         batches = data.make_loader(*splits[train], args.batch_size if train else data.TEST_BATCH, train,
                                    device=device, **classic)
         net, start = new_net(device, channels_last), time.perf_counter()
-        img_s = (train_throughput(net, batches, dtype, args.batches)[0] if train else
+        img_s = (loop.train_throughput(net, batches, dtype, args.batches)[0] if train else
                  len(evaluation.predict_loader(net, batches, device, dtype).labels) / (time.perf_counter() - start))
         figures[f"{kind}_{key}_img_s"] = round(img_s, 1)
         layout = "channels_last" if channels_last else "contiguous"
@@ -115,12 +100,6 @@ def bench(args):
     print(json.dumps({**figures, **machine(device), "batch_size": args.batch_size, "eval_batch_size": data.TEST_BATCH}))
 
 
-def machine(device):
-    """What a measurement ran on, for a JSON line (bench.py's and sweep.py's)."""
-    return {"cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__,
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type}
-
-
 def speedups(figures):
     """The fast pipelines against the original one, as ratios of their img/s, added to `figures` and printed."""
     for kind, new, old in [("train", "fast_fp32", "classic_fp32"), ("train", "fast_amp_cl", "classic_fp32"),
@@ -136,8 +115,8 @@ def compile_figures(device, train_split, amp, n_batches):
     fast = config.RECIPES["fast"]
     batches = data.make_loader(*train_split, fast.batch_size, True, device=device)
     try:
-        eager, eager_warmup = train_throughput(new_net(device, True), batches, amp, n_batches)
-        compiled, compiled_warmup = train_throughput(torch.compile(new_net(device, True)), batches, amp, n_batches)
+        eager, eager_warmup = loop.train_throughput(new_net(device, True), batches, amp, n_batches)
+        compiled, compiled_warmup = loop.train_throughput(torch.compile(new_net(device, True)), batches, amp, n_batches)
     except Exception as e:  # inductor's errors (no C++ compiler, an unsupported device) have many types
         cli.fail(f"torch.compile failed here ({errors.first_line(e)}): on the CPU it needs a C++ compiler (g++ or "
                  "clang); leave out --compile", cli.EXIT_FAILED)

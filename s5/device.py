@@ -20,6 +20,12 @@ def cpu_name():
     return platform.processor() or platform.machine()
 
 
+def machine(device):
+    """What a measurement ran on, for a JSON line (bench.py's and sweep.py's)."""
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type}
+
+
 def as_device(device):
     """A torch.device from a torch.device, "cpu", "cuda", "cuda:1", ...; ConfigError for anything else."""
     try:

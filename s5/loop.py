@@ -4,13 +4,17 @@
 is summed over all processes, so every rank sees the same numbers and takes the same decisions.
 """
 
+import itertools
 import math
+import time
 
 import torch
 from tqdm.auto import tqdm
 
 from s5 import distributed
+from s5.config import RECIPES
 from s5.evaluation import predict_loader
+from s5.optim import build_training
 
 REFRESH_EVERY = 10  # batches between progress-bar updates, NaN checks and step records (each syncs a GPU)
 # A run's history: steps.csv's columns (a row every REFRESH_EVERY batches) and metrics.csv's (a row an epoch), formats.
@@ -142,3 +146,16 @@ def report_line(loss, n_correct, n, evaluated_on="test"):
     """The original notebook's line after each evaluation ("Validation set" for held-out training images)."""
     return (f"{evaluated(evaluated_on)[0].capitalize()} set: Average loss: {loss:.4f}, Accuracy: {n_correct}/{n} "
             f"({100.0 * n_correct / n:.2f}%)")
+
+
+def train_throughput(model, loader, amp_dtype, batches, recipe=RECIPES["seed"], warmup=3):
+    """(img/s, warm-up seconds) of train_epoch with `recipe`'s optimizer and loss (bench.py's rows, sweep.py's
+    estimate): `batches` batches, epoch after epoch, after `warmup` untimed ones (where a compiled model compiles)."""
+    optimizer, _, loss_fn = build_training(model, recipe, len(loader))
+    step = Step(model, optimizer, loss_fn, amp_dtype=amp_dtype)
+    stream, timings = itertools.chain.from_iterable(itertools.repeat(loader)), []
+    for n in (warmup, batches):  # train_epoch ends with .item(): a GPU is synchronised
+        sizes, start = [], time.perf_counter()
+        train_epoch(step, ((sizes.append(len(y)), (x, y))[1] for x, y in itertools.islice(stream, n)), progress=False)
+        timings.append((time.perf_counter() - start, sum(sizes)))
+    return timings[1][1] / timings[1][0], timings[0][0]
