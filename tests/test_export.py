@@ -2,8 +2,10 @@
 and predict.py --onnx gives the same digits as the checkpoint; the CLI's failures are one line, nothing left."""
 import errno
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -239,3 +241,22 @@ def test_a_missing_package_is_one_line_naming_the_requirements(trained, tmp_path
     assert stop.value.code == 2 and err.startswith(f"error: {package} is not installed")
     assert "requirements-export.txt" in err and "make export" in err and len(err.splitlines()) == 1
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.slow  # needs a trained checkpoint
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
+def test_a_signal_during_the_export_is_one_line_130_and_writes_nothing(trained, tmp_path, sig):
+    """Stopped while the exporter loads (a stand-in onnxscript that says so, then hangs): one line, exit 130."""
+    (tmp_path / "onnxscript").mkdir()
+    (tmp_path / "onnxscript" / "__init__.py").write_text(
+        "import os, time\nopen(os.environ['S5_TEST_EXPORTING'], 'w').close()\ntime.sleep(120)\n")
+    exporting, out = tmp_path / "exporting", tmp_path / "model.onnx"
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}", "S5_TEST_EXPORTING": str(exporting)}
+    with subprocess.Popen([sys.executable, str(REPO / "export.py"), str(trained[1]), "--out", str(out)], env=env,
+                          cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        while not exporting.exists() and proc.poll() is None:  # wait for the export to start, not for a time
+            time.sleep(0.01)
+        proc.send_signal(sig)
+        stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and stderr == "error: interrupted: nothing was written\n" and stdout == "", stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exporting", "onnxscript"]

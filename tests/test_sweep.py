@@ -86,3 +86,19 @@ def test_sigterm_after_a_run_summarises_the_finished_runs(mnist_root, tmp_path):
     assert figures["seeds"] == [1] and figures["test_acc"]["n"] == 1
     sweep_dir = next((tmp_path / "runs").iterdir())
     assert (sweep_dir / "seed-2.log").exists()  # the stopped run's lines are kept too
+
+
+def test_two_sweeps_started_in_the_same_second_get_folders_of_their_own(mnist_root, tmp_path, monkeypatch):
+    """The sweep's folder is claimed as a run's (RunDir.claim_new): never shared, even with the same time stamp."""
+    import sweep as sweep_cli
+    from s5 import files
+
+    monkeypatch.setattr(files, "timestamp", lambda: "20261207-000000")
+    monkeypatch.chdir(tmp_path)
+    for _ in range(2):
+        assert sweep_cli.main([*TINY, "--seeds", "1", "--data-dir", str(mnist_root)]) == 0
+    folders = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert folders == ["sweep-fast-20261207-000000", "sweep-fast-20261207-000000-2"]
+    for folder in folders:  # each holds its own run and log, written whole
+        assert sorted(p.name for p in (tmp_path / "runs" / folder).iterdir() if p.name != ".s5-run") == \
+            ["seed-1", "seed-1.log"]
