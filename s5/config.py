@@ -84,6 +84,8 @@ FIELDS = {
     "augment": Field(str, choices=tuple(AUGMENTATIONS), help="training augmentation: classic = the original's rotation "
                      "and zoom; affine = rotation, scale, shear, shift; elastic = affine plus Simard's distortion"),
     "tta": Field(bool, help="evaluate each image with its four one-pixel shifts, averaged"),
+    "epoch_images": Field(int, 1, TRAIN_IMAGES, none=True, help="images an epoch trains on, the first N of its "
+                          "shuffled order (default: all; fewer: a run that ends mid-epoch; fast loader only)"),
     # a run's
     "seed": Field(int, 0, 2**32 - 1, help="seed for weights, shuffling, augmentation and the validation split"),
     "train_subset": Field(int, 1, TRAIN_IMAGES, none=True, help="the first N training images only (after --val-split)"),
@@ -143,6 +145,7 @@ class Recipe:
     label_smoothing: float = 0.0  # training loss only: cross-entropy against (1 - s) one-hot + s / 10
     augment: str = "classic"
     tta: bool = False  # s5.evaluation.ShiftAveraged
+    epoch_images: int | None = None  # None: every training image an epoch
 
     def __post_init__(self):
         _check_fields(self)
@@ -206,6 +209,9 @@ class RunConfig:
         Field(Recipe).check("name", self.recipe)
         _check_fields(self)
         Field(int, 1, TRAIN_IMAGES - self.val_split, none=True).check("train_subset", self.train_subset)
+        if self.loader == "classic" and self.recipe.epoch_images:
+            raise ConfigError("loader", "the classic loader trains on whole epochs: use the fast loader for a recipe "
+                                        "with epoch_images")
         if self.loader == "classic" and self.recipe.augment != "classic":
             raise ConfigError("loader", f"the classic loader has the original's augmentation only, not "
                                         f"{self.recipe.augment!r}: use the fast loader, or the classic augmentation")
@@ -233,7 +239,8 @@ class RunConfig:
 
     @property
     def steps_per_epoch(self):
-        return math.ceil((self.train_subset or TRAIN_IMAGES - self.val_split) / self.recipe.batch_size)
+        images = self.train_subset or TRAIN_IMAGES - self.val_split
+        return math.ceil(min(images, self.recipe.epoch_images or images) / self.recipe.batch_size)
 
     def to_dict(self):
         return asdict(self)

@@ -120,7 +120,8 @@ class FastMNISTLoader:
     """A drop-in for a DataLoader: MNIST held once as uint8 on the training device, batches made and augmented there
     (`augment`: a name in AUGMENTATIONS, True for "classic"). Epoch e is shuffled and augmented from seed + e
     (`set_epoch`; iterating advances it), so a resumed run sees the same batches. Sharded (`rank` of `world_size`),
-    every process draws for the whole global batch and keeps its share: together, exactly the single-process batch."""
+    every process draws for the whole global batch and keeps its share: together, exactly the single-process batch.
+    `limit`: an epoch is the first `limit` images of its shuffled order (a run that ends mid-epoch)."""
     images: torch.Tensor  # uint8 (N, 28, 28), kept so on the device: 47 MB for the training split
     labels: torch.Tensor
     batch_size: int = 512
@@ -131,6 +132,7 @@ class FastMNISTLoader:
     drop_last: bool = False
     rank: int = 0
     world_size: int = 1
+    limit: int | None = None
 
     def __post_init__(self):
         self.device = torch.device(self.device)
@@ -140,20 +142,20 @@ class FastMNISTLoader:
         if self.augment not in (None, *AUGMENTATIONS):
             raise ValueError(f"augment={self.augment!r}: use one of {', '.join(AUGMENTATIONS)}, or False")
         self.seed = int(self.seed) if self.seed is not None else int(torch.randint(2**31 - 1, ()).item())
-        self.epoch = 0
+        self.epoch, self.epoch_size = 0, min(self.limit or len(self.labels), len(self.labels))  # an epoch's
 
     def set_epoch(self, epoch):
         self.epoch = epoch
 
     def __len__(self):
-        return len(self.labels) // self.batch_size if self.drop_last else math.ceil(len(self.labels) / self.batch_size)
+        return self.epoch_size // self.batch_size if self.drop_last else math.ceil(self.epoch_size / self.batch_size)
 
     def __iter__(self):
         gen = torch.Generator(device=self.device).manual_seed(self.seed + self.epoch)
         self.epoch += 1
         n, device, (draw, apply) = len(self.labels), self.device, AUGMENTATIONS.get(self.augment, (None, None))
         order = torch.randperm(n, generator=gen, device=device) if self.shuffle else torch.arange(n, device=device)
-        for idx in order[:len(self) * self.batch_size].split(self.batch_size):
+        for idx in order[:min(self.epoch_size, len(self) * self.batch_size)].split(self.batch_size):
             draws = draw(len(idx), gen, device) if draw else ()
             idx, *draws = (t.tensor_split(self.world_size)[self.rank] for t in (idx, *draws))  # this process's share
             x = self.images[idx].unsqueeze(1).float().div_(255)
@@ -171,13 +173,16 @@ def _leave_signals_to_the_main_process(worker_id):
 def make_loader(images, labels, batch_size, train, loader="fast", device="cpu", **options):
     """A loader over (images uint8 (N, 28, 28), labels), augmented when `train`: a FastMNISTLoader on `device`, or
     ("classic") a DataLoader with the original's PIL transforms. `options`: shuffle (default `train`), drop_last, seed,
-    augment (default "classic"), shard=(rank, world_size) for process `rank`'s share of each global batch (classic:
-    batch_size // world_size images, the caller checks it divides); the classic loader takes any DataLoader option."""
+    augment (default "classic"), limit (fast: images an epoch), shard=(rank, world_size) for process `rank`'s share
+    of each global batch (classic: batch_size // world_size images, the caller checks it divides); the classic loader
+    takes any DataLoader option."""
     shuffle, drop_last, seed = options.pop("shuffle", train), options.pop("drop_last", False), options.pop("seed", None)
     augment, (rank, world_size) = options.pop("augment", "classic"), options.pop("shard", (0, 1))
     if loader == "fast":
         return FastMNISTLoader(images, labels, batch_size, shuffle, train and augment, device, seed, drop_last, rank,
-                               world_size)
+                               world_size, options.pop("limit", None))
+    if options.pop("limit", None):
+        raise ValueError("limit: the classic loader trains on whole epochs; use loader='fast'")
     if train and augment not in ("classic", True):
         raise ValueError(f"augment={augment!r}: the classic loader has the original's augmentation only (augment="
                          "'classic'); use loader='fast' for the others, or train=False for none")
@@ -198,7 +203,7 @@ def make_loaders(config, device, ctx):
     eval_batch = -(-TEST_BATCH // ctx.world_size) * ctx.world_size
     # In this order: the evaluation loaders, unseeded, draw their seeds from the global RNG.
     return (make_loader(images[:config.train_subset], labels[:config.train_subset], config.recipe.batch_size, True,
-                        seed=config.seed, augment=config.recipe.augment, **common),
+                        seed=config.seed, augment=config.recipe.augment, limit=config.recipe.epoch_images, **common),
             make_loader(*held_out, eval_batch, False, **common) if config.val_split else None,
             make_loader(*load_split(False, config.data_dir), eval_batch, False, **common))
 

@@ -1,4 +1,6 @@
 """A run's configuration: resolved from a recipe once, checked field by field, read back strictly, resumed by rule."""
+import math
+
 import pytest
 
 from s5.config import FIELDS, RECIPES, ConfigError, RunConfig, check, get_recipe
@@ -69,6 +71,16 @@ def test_a_stronger_augmentation_needs_the_fast_loader():
         RunConfig(replace(RECIPES["fast"], augment="elastic"), loader="classic")
     assert err.value.field == "loader" and "fast loader" in str(err.value)
     assert RunConfig(replace(RECIPES["fast"], augment="elastic")).recipe.augment == "elastic"
+
+
+def test_an_epoch_of_fewer_images_sets_the_steps_and_needs_the_fast_loader():
+    assert RunConfig.build("one-epoch", epoch_images=30000).steps_per_epoch == math.ceil(30000 / 64)
+    assert RunConfig.build("one-epoch", epoch_images=30000, train_subset=1000).steps_per_epoch == math.ceil(1000 / 64)
+    with pytest.raises(ConfigError) as err:
+        RunConfig.build("fast", epoch_images=30000, loader="classic")
+    assert err.value.field == "loader" and "whole epochs" in str(err.value)
+    with pytest.raises(ConfigError, match="out of range"):
+        RunConfig.build("fast", epoch_images=0)
 
 
 def test_a_configuration_saved_before_augment_and_tta_reads_back_with_the_old_behaviour():

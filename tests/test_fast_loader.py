@@ -69,6 +69,17 @@ def test_every_sample_once_per_epoch_with_labels_aligned(real_train):
     assert len(seen) == 1000 and len(set(seen)) == len(set(key))
 
 
+def test_an_epoch_of_fewer_images_draws_them_anew_each_epoch(real_train):
+    """epoch_images (a run that ends mid-epoch): each epoch is the first N images of its own shuffled order."""
+    loader = make(*real_train, shuffle=True, limit=300)
+    first, second = (torch.cat([y for _, y in loader]) for _ in range(2))
+    assert len(loader) == 3 and len(first) == len(second) == 300  # 128 + 128 + 44
+    whole = make(*real_train, shuffle=True)
+    assert torch.equal(first, torch.cat([y for _, y in whole])[:300])  # the same order, cut short
+    assert not torch.equal(first.sort().values, second.sort().values)  # other images the next epoch
+    assert len(make(*real_train, shuffle=True, limit=5000)) == len(whole)  # more than there are: all of them
+
+
 @pytest.mark.slow
 def test_shuffle_order_changes_between_epochs_and_not_without_shuffle(real_train):
     loader = make(*real_train, shuffle=True)
