@@ -59,8 +59,7 @@ web: $(VENV)/.export web/node_modules/.installed  ## the static page in web/dist
 	$(PY) web/build.py $(ARGS)
 
 web-serve:  ## serve web/dist (make web) on http://127.0.0.1:8000 (ARGS=PORT for another port)
-	@test -f web/dist/index.html || { echo "error: web/dist has no page: build it first with make web" >&2; exit 2; }
-	$(PYTHON) -m http.server --bind 127.0.0.1 --directory web/dist $(or $(ARGS),8000)
+	$(PYTHON) web/serve.py $(ARGS)
 
 tensorboard: $(VENV)/.tensorboard  ## TensorBoard on http://127.0.0.1:6006 for the runs in runs/
 	$(VENV)/bin/tensorboard --logdir runs --host 127.0.0.1 $(ARGS)

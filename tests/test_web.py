@@ -3,6 +3,7 @@ web/build.py from the tests' Net, served on 127.0.0.1 and drawn on in headless C
 28x28 input must be Python's preprocess_digit of the same canvas, its probabilities PyTorch's, and each failure a
 visitor can meet must be said on the page."""
 import base64
+import fcntl
 import functools
 import http.server
 import io
@@ -85,6 +86,17 @@ def test_the_page_preprocesses_as_python():
 
 # --- the page in Chromium ------------------------------------------------------------------------------------------
 
+def other_net():
+    """A valid ONNX model that is not the Net: it takes (1, 784) and gives ten log-probabilities."""
+    from onnx import TensorProto, helper
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["z"]), helper.make_node("LogSoftmax", ["z"], ["y"])], "other",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 784])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])],
+        [helper.make_tensor("w", TensorProto.FLOAT, [784, 10], np.zeros(7840, np.float32))])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=8).SerializeToString()
+
+
 @pytest.fixture(scope="module")
 def site(trained, tmp_path_factory):
     """(the base URL, the built folder): web/build.py's page for the tests' Net, and beside it the same page without
@@ -97,10 +109,14 @@ def site(trained, tmp_path_factory):
     build = [sys.executable, str(REPO / "web" / "build.py"), str(trained[1]), "--out", str(root / "page")]
     done = subprocess.run(build, capture_output=True, text=True, cwd=REPO, timeout=600)
     assert done.returncode == 0 and done.stdout.startswith(f"built {root / 'page'} "), done.stderr
-    for variant, lost in (("no-model", "model.onnx"), ("damaged", "model.onnx"), ("no-runtime", RUNTIME_WASM)):
+    for variant, lost in (("no-model", "model.onnx"), ("damaged", "model.onnx"), ("no-runtime", RUNTIME_WASM),
+                          ("other-net", "model.onnx"), ("huge", "model.onnx"), ("no-script", "preprocess.js")):
         shutil.copytree(root / "page", root / variant, copy_function=os.link)
         (root / variant / lost).unlink()
     (root / "damaged" / "model.onnx").write_bytes(b"\x08\x07not an ONNX model")
+    (root / "other-net" / "model.onnx").write_bytes(other_net())
+    with open(root / "huge" / "model.onnx", "wb") as f:  # sparse: 68 MB that take no room
+        f.truncate(65 * 2**20)
 
     class Quiet(http.server.SimpleHTTPRequestHandler):
         def log_message(self, *args):
@@ -253,7 +269,10 @@ def test_what_goes_wrong_is_said_on_the_page(site, browser):
     url, folder = site
     cases = {"no-model/": ("model.onnx is missing from this folder", "make web"),
              "damaged/": ("model.onnx is damaged or not an ONNX model", "make web"),
-             "no-runtime/": ("ONNX Runtime Web could not start", "make web")}
+             "no-runtime/": ("ONNX Runtime Web could not start", "make web"),
+             "other-net/": ("model.onnx is not an export of this repo's Net", "make web"),
+             "huge/": ("model.onnx is 68 MB, so it is not this repo's Net", "make web"),
+             "no-script/": ("preprocess.js did not load", "make web")}
     for path, (says, fix) in cases.items():
         state, status = open_page(browser, url + path)
         assert state == "error" and status.startswith(says) and fix in status, status
@@ -275,10 +294,114 @@ def test_the_build_refuses_a_folder_it_did_not_make_and_says_why_an_export_faile
     build = [sys.executable, str(REPO / "web" / "build.py")]
     (tmp_path / "mine.txt").write_text("keep me")
     done = subprocess.run([*build, "x.pt", "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2 and done.stderr.splitlines() == [
-        f"error: --out {tmp_path} is not a folder this script built: give a new folder, or remove it first"]
+    assert done.returncode == 2 and done.stderr.splitlines() == [f"error: argument --out: {tmp_path} is not a folder "
+                                                                 "this script built (it holds mine.txt): give a new "
+                                                                 "folder, or remove it first"]
     pytest.importorskip("onnxruntime", reason="the export's packages: pip install -r requirements-export.txt")
     done = subprocess.run([*build, str(tmp_path / "none.pt"), "--out", str(tmp_path / "page")], capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 2 and len(done.stderr.splitlines()) == 1 and "none.pt" in done.stderr, done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.txt"]  # nothing left behind
+
+
+def test_the_build_says_in_one_line_what_is_wrong_with_out_before_any_work(tmp_path):
+    """No export runs (a missing checkpoint would be said after the --out checks): each a line, exit 2."""
+    if not (ORT / "ort.wasm.min.mjs").is_file():
+        pytest.skip("onnxruntime-web is not installed: npm ci in web/ (make test runs it where npm is)")
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    cases = {"": "an empty path", str(tmp_path / "file"): "is a file, not a folder",
+             str(tmp_path / "link"): f"is a link: give the folder itself ({tmp_path / 'real'})",
+             str(REPO / "web"): "is not a folder this script built", str(REPO): "is not a folder this script built"}
+    for out, says in cases.items():
+        done = subprocess.run([sys.executable, str(REPO / "web" / "build.py"), "x.pt", "--out", out],
+                              capture_output=True, text=True, timeout=60, cwd=tmp_path)
+        assert done.returncode == 2 and len(done.stderr.splitlines()) == 1 and says in done.stderr, (out, done.stderr)
+    lock = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:  # another build of a folder there holds the lock
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        done = subprocess.run([sys.executable, str(REPO / "web" / "build.py"), "x.pt", "--out", str(tmp_path / "page")],
+                              capture_output=True, text=True, timeout=60)
+    finally:
+        os.close(lock)
+    assert done.returncode == 2 and done.stderr == f"error: another build is writing into {tmp_path}: wait for it to " \
+                                                   "finish, then build again\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "link", "real"]  # nothing made
+
+
+def test_serving_says_in_one_line_what_is_wrong(tmp_path):
+    (tmp_path / "index.html").write_text("<p>page</p>")
+    serve = [sys.executable, str(REPO / "web" / "serve.py")]
+    taken = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    try:
+        for args, says in ((["80a"], "'80a' is not a port"), (["70000"], "'70000' is not a port"),
+                           (["--directory", str(tmp_path / "none")], "has no page: build it first with make web"),
+                           ([str(taken.server_port), "--directory", str(tmp_path)], "cannot serve on 127.0.0.1:")):
+            done = subprocess.run([*serve, *args], capture_output=True, text=True, timeout=60)
+            assert done.returncode == 2 and len(done.stderr.splitlines()) == 1 and says in done.stderr, done.stderr
+    finally:
+        taken.server_close()
+
+
+def gesture(driver, ticks):
+    """Pointers acting together, tick by tick: each tick {source name: (kind, action, args)}; a source not named in a
+    tick waits. kind: "touch" or "mouse"; action: "move" (x, y, element: an offset from its centre), "down", "up"."""
+    from selenium.webdriver.common.actions.action_builder import ActionBuilder
+    from selenium.webdriver.common.actions.pointer_input import PointerInput
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    builder, sources = ActionBuilder(driver), {}
+    for tick in ticks:
+        for name, (kind, _, _) in tick.items():
+            if name not in sources:
+                sources[name] = builder.add_pointer_input(kind, name)
+    for tick in ticks:
+        for name, source in sources.items():
+            _, action, args = tick.get(name, (None, "pause", ()))
+            if action == "move":
+                x, y, element = args
+                source.create_pointer_move(duration=10, x=int(x), y=int(y), origin=element)
+            elif action in ("down", "up"):
+                getattr(source, f"create_pointer_{action}")(button=0)
+            else:
+                source.create_pause(0.01)
+    assert all(isinstance(s, PointerInput) for s in sources.values())
+    driver.execute_script("""window.s5Ups = 0;  // touch input reaches the page after perform() returns: count it in
+        const up = (e) => { window.s5Ups += e.pointerType === 'touch'; };
+        if (!window.s5CountsUps) document.addEventListener('pointerup', up);
+        window.s5CountsUps = true;""")
+    builder.perform()
+    ups = sum(kind == "touch" and action == "up" for tick in ticks for kind, action, _ in tick.values())
+    WebDriverWait(driver, 30).until(lambda d: d.execute_script("return window.s5Ups") >= ups)
+    return settled(driver)
+
+
+@pytest.mark.slow
+def test_a_second_finger_draws_nothing_and_clear_ends_the_stroke_being_drawn(site, browser):
+    url, _ = site
+    assert open_page(browser, url + "page/")[0] == "ready"
+    pad, clear = browser.find_element("id", "pad"), browser.find_element("id", "clear")
+    touch = lambda action, *args: ("touch", action, args)  # noqa: E731
+    line = lambda x0, y0, x1, y1, n: [touch("move", x0 + (x1 - x0) * k / n, y0 + (y1 - y0) * k / n, pad)  # noqa: E731
+                                      for k in range(1, n + 1)]
+    # one finger draws a 1; a second one lands and moves beside it meanwhile: only the first draws
+    first = [touch("move", -60, -100, pad), touch("down"), *line(-60, -100, -60, 100, 12), touch("up")]
+    second = [touch("move", 80, -80, pad), touch("down"), *line(80, -80, 100, 0, 6), touch("up")]
+    got = gesture(browser, [{"first": a, **({"second": second[k - 2]} if 2 <= k < 2 + len(second) else {})}
+                            for k, a in enumerate(first)])
+    pixels = browser.execute_script("""
+        const c = document.getElementById('pad').getContext('2d');
+        return [[80, 140], [220, 60], [235, 110], [240, 140]].map(([x, y]) => c.getImageData(x, y, 1, 1).data[0]);""")
+    assert got["state"] == "predicted" and pixels == [0, 255, 255, 255], (got["status"], pixels)
+    # another stroke: Clear, pressed (with the mouse) half-way, empties the canvas, and the rest of the stroke draws
+    # nothing (it used to bring back the drawing from before the stroke)
+    stroke = [touch("move", 0, -100, pad), touch("down"), *line(0, -100, 0, 0, 6)]
+    rest = line(0, 0, 0, 100, 6) + [touch("up")]
+    press = [("mouse", "move", (0, 0, clear)), ("mouse", "down", ()), ("mouse", "up", ())]
+    got = gesture(browser, [{"first": a} for a in stroke] + [{"mouse": a} for a in press] +
+                  [{"first": a} for a in rest])
+    blank = browser.execute_script("const c = document.getElementById('pad').getContext('2d');"
+                                   "return c.getImageData(0, 0, 280, 280).data.every((v) => v > 250)")
+    assert blank and got["state"] == "ready" and got["last"] is None, got["status"]
+    assert got["status"].startswith("Draw a digit"), got["status"]

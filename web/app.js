@@ -8,6 +8,7 @@
 
 (function () {
   const BRUSH = 22;  // px on the 280 px canvas: MNIST's strokes are about an eighth of a digit's height
+  const MAX_MODEL = 64 * 2 ** 20;  // s5/export.py's MAX_ONNX_BYTES: an exported Net is 2.4 MB, a bigger file is not one
   const SAY = {
     draw: 'Draw a digit, 0 to 9, in the box: with a mouse, a pen or a finger.',
     dot: 'That is only a dot: draw a whole digit, as large as the box allows.',
@@ -15,6 +16,8 @@
       '(make web-serve, or python3 -m http.server in it) and open http://127.0.0.1:8000/.',
     wasm: 'This browser cannot run WebAssembly (it is turned off or too old): open the page in a current Chrome, ' +
       'Edge, Firefox or Safari.',
+    script: 'preprocess.js did not load: rebuild the folder with make web; if the address lacks its final / ' +
+      '(…/REPO rather than …/REPO/), add it.',
   };
   const $ = (id) => document.getElementById(id);
   const pad = $('pad'), ctx = pad.getContext('2d', {willReadFrequently: true});
@@ -73,6 +76,21 @@
     ctx.stroke();
   }
 
+  function dropStroke() {  // Clear pressed (by another finger, or the keyboard) while a stroke is drawn: it ends there
+    if (!stroke) return;
+    const id = stroke.id;
+    stroke = null;
+    if (pad.hasPointerCapture(id)) pad.releasePointerCapture(id);
+  }
+
+  function invertImage(image) {
+    for (let i = 0; i < image.data.length; i += 4) {
+      for (let c = 0; c < 3; c++) image.data[i + c] = 255 - image.data[i + c];
+    }
+    return image;
+  }
+
+  pad.addEventListener('contextmenu', (e) => e.preventDefault());  // a long press draws, it opens no menu
   pad.addEventListener('pointerdown', (e) => {
     if (stroke || (e.pointerType === 'mouse' && e.button !== 0)) return;
     e.preventDefault();
@@ -95,6 +113,7 @@
   for (const type of ['pointerup', 'pointercancel', 'lostpointercapture']) pad.addEventListener(type, endStroke);
 
   $('clear').addEventListener('click', () => {
+    dropStroke();
     generation++;
     clearPad();
     showNothing();
@@ -102,11 +121,8 @@
   });
 
   invert.addEventListener('change', () => {  // the same drawing in the other colours: the same input
-    const image = ctx.getImageData(0, 0, pad.width, pad.height);
-    for (let i = 0; i < image.data.length; i += 4) {
-      for (let c = 0; c < 3; c++) image.data[i + c] = 255 - image.data[i + c];
-    }
-    ctx.putImageData(image, 0, 0);
+    ctx.putImageData(invertImage(ctx.getImageData(0, 0, pad.width, pad.height)), 0, 0);
+    if (stroke) invertImage(stroke.before);  // a stroke being drawn goes on, in the new colours
     generation++;
     predictSoon();
   });
@@ -185,6 +201,7 @@
     showNothing();
     if (location.protocol === 'file:') return fail(SAY.file);
     if (typeof WebAssembly !== 'object' || typeof WebAssembly.instantiate !== 'function') return fail(SAY.wasm);
+    if (typeof S5Preprocess !== 'object') return fail(SAY.script);
     try {
       ort = await import('./ort.wasm.min.mjs');
     } catch (e) {
@@ -205,7 +222,17 @@
         return fail(`model.onnx could not be fetched (HTTP ${response.status} ${response.statusText}): ` +
                     'check the server, then reload the page.');
       }
+      const size = Number(response.headers.get('Content-Length'));  // refused before it is read, when the host says
+      if (size > MAX_MODEL) {
+        if (response.body) response.body.cancel().catch(() => {});  // not read: nothing to say about it
+        return fail(`model.onnx is ${Math.round(size / 1e6)} MB, so it is not this repo's Net (2.4 MB): rebuild the ` +
+                    'folder with make web.');
+      }
       model = new Uint8Array(await response.arrayBuffer());
+      if (model.length > MAX_MODEL) {
+        return fail(`model.onnx is ${Math.round(model.length / 1e6)} MB, so it is not this repo's Net (2.4 MB): ` +
+                    'rebuild the folder with make web.');
+      }
     } catch (e) {
       return fail(`model.onnx could not be fetched (${firstLine(e)}): check that the server still runs, then reload.`);
     }
@@ -231,6 +258,7 @@
     }
     window.s5Timing.ready = performance.now();
     say(SAY.draw, 'ready');
+    if (generation) predictSoon();  // drawn while the model loaded: read it now
   }
 
   start().catch(bug);
