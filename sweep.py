@@ -74,7 +74,7 @@ def estimate_seconds(run_config, device, seeds):
                    else torch.preserve_format)
     img_s, _ = loop.train_throughput(net, train, amp_dtype_for(device, run_config.amp), TIMED_STEPS, run_config.recipe)
     evaluated = sum(len(loader.dataset) for loader in (val, test) if loader is not None)
-    return seeds * run_config.epochs * (len(train.dataset) + evaluated / 3) / img_s
+    return seeds * run_config.epochs * (train.epoch_size + evaluated / 3) / img_s  # (the images an epoch trains on)
 
 
 def sweep(run_config, device, seeds, folder, results):
