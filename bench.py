@@ -23,9 +23,9 @@ import timeit
 
 import torch
 
-from model import INPUT_SHAPE, Net
+from model import INPUT_SHAPE
 from s5 import cli, config, data, errors, evaluation, loop, mnist
-from s5.device import amp_dtype_for, get_device, keep_freed_memory, machine
+from s5.device import amp_dtype_for, get_device, keep_freed_memory, machine, new_net
 
 # The classic loader's 2 workers have 4 batches prefetched when timing starts; with fewer than about ten timed
 # batches those free ones, and one step's jitter, make the ratios noise (--batches 1 printed 23x).
@@ -35,11 +35,6 @@ PASSES = {"forward": "torch.conv2d(x, w, None, c.stride, c.padding, c.dilation, 
           "grad input": "torch.autograd.grad(y, x, g, retain_graph=True)"}  # not the first layer's: images need none
 # The original pipeline; not persistent: the workers stop when a timing ends, instead of prefetching during the next.
 CLASSIC = {"loader": "classic", "num_workers": 2, "pin_memory": True, "persistent_workers": False}
-
-
-def new_net(device, channels_last):
-    """A fresh Net on `device`: its initial weights do not change a timing."""
-    return Net().to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
 
 
 def conv_seconds(model, device, batch_size, dtype):

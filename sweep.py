@@ -19,9 +19,8 @@ from dataclasses import replace
 import matplotlib
 import torch
 
-from model import Net
 from s5 import cli, config, data, distributed, errors, files, loop
-from s5.device import amp_dtype_for, channels_last_for, cpu_name, get_device, keep_freed_memory, machine
+from s5.device import amp_dtype_for, cpu_name, get_device, keep_freed_memory, machine, new_net
 from s5.run import Run
 
 RUN_FIELDS = ("train_subset", "val_split", "device", "data_dir", "loader", "amp")
@@ -70,8 +69,7 @@ def estimate_seconds(run_config, device, seeds):
     if device.type == "cpu":
         keep_freed_memory()  # as the runs have it
     train, val, test = data.make_loaders(replace(run_config, loader="fast"), device, distributed.SINGLE)
-    net = Net().to(device, memory_format=torch.channels_last if channels_last_for(device, run_config.channels_last)
-                   else torch.preserve_format)
+    net = new_net(device, run_config.channels_last)
     img_s, _ = loop.train_throughput(net, train, amp_dtype_for(device, run_config.amp), TIMED_STEPS, run_config.recipe)
     evaluated = sum(len(loader.dataset) for loader in (val, test) if loader is not None)
     return seeds * run_config.epochs * (train.epoch_size + evaluated / 3) / img_s  # (the images an epoch trains on)

@@ -10,6 +10,7 @@ import random
 import numpy as np
 import torch
 
+from model import Net
 from s5.errors import ConfigError
 
 
@@ -50,6 +51,12 @@ def get_device(name=None):
 def channels_last_for(device, channels_last=None):
     """channels_last unless forced: measured faster on CPUs (oneDNN) and CUDA GPUs (README: Speed), else unmeasured."""
     return as_device(device).type in ("cpu", "cuda") if channels_last is None else channels_last
+
+
+def new_net(device, channels_last=None):
+    """A freshly initialised Net on `device`, in the channels_last layout where `channels_last_for` says so."""
+    layout = torch.channels_last if channels_last_for(device, channels_last) else torch.preserve_format
+    return Net().to(device, memory_format=layout)
 
 
 def pins_memory(device):

@@ -15,11 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from model import Net
 from s5 import callbacks, checkpoints, distributed, evaluation, loop, optim
 from s5.config import RUNS_DIR, ConfigError
 from s5.data import make_loaders
-from s5.device import amp_dtype_for, channels_last_for, keep_freed_memory, out_of_memory_typed, set_seed
+from s5.device import amp_dtype_for, keep_freed_memory, new_net, out_of_memory_typed, set_seed
 from s5.files import OutputError, RunDir, timestamp
 from s5.mnist import ensure_mnist
 
@@ -69,9 +68,7 @@ class Run:
         self.amp_dtype = amp_dtype_for(device, config.amp)
         log.info(f"device {device}, precision {self.amp_dtype or torch.float32}, loader {config.loader}, recipe "
                  f"{config.name}" + (f", {ctx.world_size} processes (the batch size is global)" if ctx.active else ""))
-        self.model = Net().to(device)
-        if channels_last_for(device, config.channels_last):
-            self.model = self.model.to(memory_format=torch.channels_last)
+        self.model = new_net(device, config.channels_last)
         if ctx.local_rank == 0:
             ensure_mnist(config.data_dir)  # one fetch a machine, before its other processes read
         distributed.barrier(ctx)

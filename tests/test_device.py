@@ -123,3 +123,15 @@ def test_the_cpu_allocator_failure_is_an_out_of_memory_error():
     with pytest.raises(RuntimeError, match="^other$") as other, out_of_memory_typed():
         raise RuntimeError("other")
     assert type(other.value) is RuntimeError
+
+
+def test_new_net_takes_the_layout_the_device_gets():
+    from s5.device import new_net
+    weight = lambda net: net.conv2.weight  # noqa: E731  (32 input channels: the two layouts differ)
+    assert weight(new_net("cpu")).is_contiguous(memory_format=torch.channels_last)
+    assert not weight(new_net("cpu")).is_contiguous()
+    assert weight(new_net("cpu", channels_last=False)).is_contiguous()
+    torch.manual_seed(0)
+    a = new_net("cpu")
+    torch.manual_seed(0)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), new_net("cpu", False).parameters()))  # same weights
