@@ -1,4 +1,5 @@
-"""Where and how a run computes: the device, the precision, the seeds, CPU memory reuse (each the caller's choice)."""
+"""Where and how a run computes: the device, the precision, the memory layout (a new Net in it), the seeds, CPU memory
+reuse (each the caller's choice)."""
 
 import contextlib
 import ctypes

@@ -9,12 +9,9 @@ import signal
 import sys
 from pathlib import Path
 
+from build import Parser  # web/build.py's: a usage error is one line, exit 2
+
 WEB = Path(__file__).resolve().parent
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit 2, as the entry points' usage errors
-        self.exit(2, f"error: {message}\n")
 
 
 def port_number(text):
