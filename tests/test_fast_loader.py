@@ -225,3 +225,9 @@ def test_each_augmentation_is_reproducible_by_seed_and_epoch(real_train, augment
 def test_an_unknown_augmentation_is_refused(real_train):
     with pytest.raises(ValueError, match="augment='rotate'.*classic, affine, elastic"):
         make(*real_train, augment="rotate")
+
+
+def test_the_classic_loader_refuses_an_epoch_of_fewer_images(real_train):
+    from s5.data import make_loader
+    with pytest.raises(ValueError, match="limit: the classic loader trains on whole epochs"):
+        make_loader(*real_train, 64, True, loader="classic", limit=300)

@@ -102,3 +102,17 @@ def test_two_sweeps_started_in_the_same_second_get_folders_of_their_own(mnist_ro
     for folder in folders:  # each holds its own run and log, written whole
         assert sorted(p.name for p in (tmp_path / "runs" / folder).iterdir() if p.name != ".s5-run") == \
             ["seed-1", "seed-1.log"]
+
+
+def test_the_estimate_counts_the_images_an_epoch_trains_on(mnist_root, monkeypatch):
+    """A recipe ending mid-epoch (epoch_images) is estimated on its images, not the whole training set's."""
+    monkeypatch.syspath_prepend(str(REPO))
+    import sweep as sweep_py
+    from s5 import loop
+    from s5.config import RunConfig
+    from s5.device import get_device
+
+    monkeypatch.setattr(loop, "train_throughput", lambda *args: (1000.0, 0.0))  # a fixed speed, so only images count
+    seconds = {n: sweep_py.estimate_seconds(RunConfig.build("one-epoch", epoch_images=n, data_dir=str(mnist_root)),
+                                            get_device("cpu"), seeds=2) for n in (None, 20_000)}
+    assert seconds == {None: 2 * (60_000 + 10_000 / 3) / 1000, 20_000: 2 * (20_000 + 10_000 / 3) / 1000}
