@@ -1,30 +1,28 @@
 """Throughput of the classic and the fast pipeline, side by side in one run on one machine.
 
     python bench.py                    # training and evaluation img/s, and the ratios
-    python bench.py --time-to-target   # also: the fast recipe's wall-clock time to 99.3% (runs train.py)
     python bench.py --compile          # also: torch.compile (inductor) against eager, and whether it pays back
+    python bench.py --profile          # also: where a fast-path step's time goes, layer by layer (CPU)
 
 Training: s5.loop.train_epoch with the seed recipe's SGD, fed by the original pipeline (DataLoader, PIL augmentation,
 2 workers, fp32; on the CPU also with freed memory kept, as runs have it) or the fast loader (fp32 or mixed precision,
 contiguous or channels_last); evaluation likewise; each convolution alone, which bounds any pipeline; a JSON line last.
-Accuracy over seeds moved to sweep.py. Exit: 0 done, 1 --compile or train.py failed, 2 usage/data error, 130 stopped.
+Accuracy and time over seeds: sweep.py. Exit: 0 done, 1 --compile failed, 2 usage/data error, 130 stopped.
 """
 
 import s5.startup  # noqa: F401  # isort: skip  (first: a signal while torch imports is one line, exit 130)
-import csv
+import collections
+import itertools
 import json
 import math
-import os
-import subprocess
-import sys
-import tempfile
 import time
 import timeit
 
 import torch
+from torch.profiler import ProfilerActivity, profile, record_function
 
 from model import INPUT_SHAPE
-from s5 import cli, config, data, errors, evaluation, loop, mnist
+from s5 import cli, config, data, errors, evaluation, loop, mnist, optim
 from s5.device import amp_dtype_for, get_device, keep_freed_memory, machine, new_net
 
 # The classic loader's 2 workers have 4 batches prefetched when timing starts; with fewer than about ten timed
@@ -33,6 +31,13 @@ MIN_BATCHES = 10
 PASSES = {"forward": "torch.conv2d(x, w, None, c.stride, c.padding, c.dilation, c.groups)",
           "grad weight": "torch.autograd.grad(y, w, g, retain_graph=True)",
           "grad input": "torch.autograd.grad(y, x, g, retain_graph=True)"}  # not the first layer's: images need none
+# What each op of a step is, for --profile's table; ops not named here are "other ops".
+PARTS = {"aten::mkldnn_convolution": "forward", "aten::convolution_backward": "backward",
+         "aten::max_pool2d_with_indices": "pool forward", "aten::max_pool2d_with_indices_backward": "pool backward",
+         "aten::fill_": "zero-fill", "aten::clamp_min": "ReLU forward", "aten::threshold_backward": "ReLU backward",
+         "aten::addmm": "forward, backward", "aten::mm": "forward, backward", "aten::copy_": "casts, copies",
+         "aten::_to_copy": "casts, copies", **{f"aten::{op}": "loss" for op in (
+             "_log_softmax", "_log_softmax_backward_data", "nll_loss_forward", "nll_loss_backward")}}
 # The original pipeline; not persistent: the workers stop when a timing ends, instead of prefetching during the next.
 CLASSIC = {"loader": "classic", "num_workers": 2, "pin_memory": True, "persistent_workers": False}
 
@@ -56,6 +61,48 @@ def conv_seconds(model, device, batch_size, dtype):
         print(f"  {name:<6}{f'{c.in_channels}->{c.out_channels} @{x.shape[2]}x{x.shape[3]}':<18}" + "  ".join(
             f"{what} {s * 1e3:6.2f} ms {gflop / s:6.0f} GFLOP/s" for what, s in seconds.items()))
     return total
+
+
+def step_profile(model, loader, amp_dtype, batches):
+    """{(layer, part): seconds a batch} of `batches` fast-path steps (the table's SGD step) under torch.profiler, from
+    each op's own time: convolutions, pools, ReLUs and linear layers by layer (told apart by their weights' and
+    outputs' shapes), the loss, the optimizer, the loader; and the Python around the ops; then the seconds a batch."""
+    optimizer, _, loss_fn = optim.build_training(model, config.RECIPES["seed"], len(loader))
+    step, names = loop.Step(model, optimizer, loss_fn, amp_dtype=amp_dtype), {m: n for n, m in model.named_children()}
+    weights, outputs = {tuple(s): n for m, n in names.items() for s in (m.weight.shape, m.weight.shape[::-1])}, {}
+
+    def seen(module, args, out):  # a layer's output (transposed: a linear's gradient), and after a 2x2 pool
+        for shape in (out.shape, out.shape[::-1], (*out.shape[:2], *(n // 2 for n in out.shape[2:]))):
+            outputs.setdefault(tuple(shape), names[module])
+    hooks = [m.register_forward_hook(seen) for m in names]
+    stream = itertools.chain.from_iterable(itertools.repeat(loader))
+    for i, (x, y) in enumerate(itertools.islice(stream, 3)):  # warm-up; the first step also records the shapes
+        step(x, y)
+        for hook in hooks if i == 0 else ():
+            hook.remove()
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        start = time.perf_counter()
+        for _ in range(batches):
+            with record_function("loader"):
+                x, y = next(stream)
+            step(x, y)
+        wall = time.perf_counter() - start
+    seconds = collections.Counter()
+    for e in prof.events():
+        scope, parent = None, e.cpu_parent
+        while parent is not None:
+            scope = parent.name if parent.name == "loader" or parent.name.startswith("Optimizer.") else scope
+            parent = parent.cpu_parent
+        if scope:  # everything within the loader's or the optimizer's call
+            key = ("loader", "batch, augmentation") if scope == "loader" else ("optimizer", scope.split("#")[-1])
+        elif (part := PARTS.get(e.name, "other ops")) in ("loss", "casts, copies", "other ops"):
+            key = (part, "")
+        else:  # a layer's, by its weight's shape, else by its output's (a scalar's zero-fill is none's)
+            layer = next((d[s] for d in (weights, outputs) for s in map(tuple, e.input_shapes) if s in d), None)
+            key = (layer, part) if layer else ("other ops", "")
+        seconds[key] += e.self_cpu_time_total / 1e6 / batches
+    seconds[("Python, autograd", "outside any op")] = max(0.0, wall / batches - sum(seconds.values()))
+    return seconds, wall / batches
 
 
 def bench(args):
@@ -88,10 +135,19 @@ def bench(args):
     print(f"  all convolutions: {seconds * 1e3:.1f} ms a batch, so at most {ceiling:.0f} img/s; the fast path reached "
           f"{figures['train_fast_amp_cl_img_s'] / ceiling:.0%} of that\n")
     speedups(figures)
+    if args.profile:  # the largest first, then the convolutions' share
+        loader = data.make_loader(*splits[True], args.batch_size, True, device=device)
+        seconds, step = step_profile(new_net(device, True), loader, amp, args.batches)
+        print(f"\nwhere a fast-path step's time goes (batch {args.batch_size}, {amp or 'fp32'}, channels_last; "
+              f"{step * 1e3:.1f} ms a batch under torch.profiler):")
+        for (layer, part), s in sorted(seconds.items(), key=lambda kv: -kv[1]):
+            print(f"  {layer:<18}{part:<22}{s * 1e3:8.2f} ms {s / step:6.1%}")
+        convs = sum(s for (_, part), s in seconds.items() if part in ("forward", "backward")) / step
+        print(f"  convolutions {convs:.0%} of the profiled step, everything else {1 - convs:.0%}\n")
+        figures["profile_ms_per_batch"] = {f"{layer} {part}".strip(): round(s * 1e3, 3) for (layer, part), s in
+                                           seconds.items()}
     if args.compile:  # the training step at the fast recipe's batch, eager against compiled
         figures["compile"] = compile_figures(device, splits[True], amp, args.batches)
-    if args.time_to_target:
-        figures.update(time_to_target(args))
     print(json.dumps({**figures, **machine(device), "batch_size": args.batch_size, "eval_batch_size": data.TEST_BATCH}))
 
 
@@ -125,37 +181,22 @@ def compile_figures(device, train_split, amp, n_batches):
             "compile_seconds": round(compiling, 1), "payback_steps": payback}
 
 
-def time_to_target(args):
-    """train.py --recipe fast, timed to --target from its metrics.csv (its output kept: on Ctrl-C only we speak)."""
-    with tempfile.TemporaryDirectory() as out:
-        done = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "train.py"), "--recipe",
-                               "fast", "--no-progress", "--device", args.device, "--data-dir", args.data_dir,
-                               "--out", out + "/run"], capture_output=True, text=True)
-        if done.returncode:  # its last line is its one-line error (those before, warnings)
-            why = done.stderr.strip().rsplit("\n", 1)[-1].removeprefix("error: ")
-            cli.fail(f"train.py --recipe fast failed: {why}", cli.EXIT_FAILED)
-        with open(out + "/run/metrics.csv") as f:
-            rows = [(float(r["elapsed_seconds"]), float(r["test_acc"])) for r in csv.DictReader(f)]
-    seconds, acc = next(((s, a) for s, a in rows if a >= args.target), (None, None))
-    print(f"fast recipe: {args.target}% after {seconds} s (final {rows[-1][1]}% at {rows[-1][0]} s)")
-    return dict(fast_recipe_seconds_to_target=seconds, fast_recipe_acc_at_target=acc, target=args.target,
-                fast_recipe_final_acc=rows[-1][1], fast_recipe_total_seconds=rows[-1][0])
-
-
 def main(argv=None):
     p = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch-size", type=cli.whole_number(1, config.TRAIN_IMAGES),
                    default=config.RECIPES["seed"].batch_size, help="training batch size (default: the seed recipe's)")
     p.add_argument("--batches", type=cli.whole_number(MIN_BATCHES), default=60, help="timed batches a pipeline")
     cli.add_flags(p, ["device", "data_dir"], {"device": "auto", "data_dir": mnist.DATA_DIR})
-    p.add_argument("--time-to-target", action="store_true", help="also time the fast recipe to --target (train.py)")
     p.add_argument("--compile", action="store_true", help="also time the training step under torch.compile (inductor)")
-    p.add_argument("--target", type=cli.typed("target", config.Field(float, 0, 100, above=True)), default=99.3,
-                   help="test accuracy (%%) for --time-to-target (default: 99.3)")
+    p.add_argument("--profile", action="store_true", help="also print where a fast-path step's time goes, layer by "
+                   "layer (torch.profiler; CPU only)")
     p.set_defaults(device="auto", data_dir=str(mnist.DATA_DIR))
+    args = p.parse_args(argv)
     try:
         with cli.stop_like_ctrl_c():
-            bench(p.parse_args(argv))
+            if args.profile and get_device(args.device).type != "cpu":
+                p.error("--profile times the CPU's ops: add --device cpu")
+            bench(args)
     except KeyboardInterrupt:
         cli.fail("interrupted", cli.EXIT_INTERRUPTED)
     except errors.UserError as e:

@@ -24,9 +24,9 @@ def bench(*flags, **kw):
 
 def test_bench_prints_table_then_json(mnist_root):
     """One real run at a tiny budget (with --compile where a C++ compiler is): the table, each convolution, the
-    ceiling, the ratios, then one JSON line that agrees with them."""
-    done = bench("--batches", 10, "--batch-size", 64, "--data-dir", mnist_root, *(["--compile"] if COMPILER else []),
-                 timeout=1800)
+    ceiling, the ratios, the step's profile, then one JSON line that agrees with them."""
+    done = bench("--batches", 10, "--batch-size", 64, "--data-dir", mnist_root, "--profile", "--device", "cpu",
+                 *(["--compile"] if COMPILER else []), timeout=1800)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.strip().splitlines()
     figures = json.loads(lines[-1])
@@ -43,7 +43,7 @@ def test_bench_prints_table_then_json(mnist_root):
     rows = [line for line in lines if line.startswith(("train ", "eval ")) and line.endswith(" img/s")]
     assert len(rows) == 5 + cpu + 2  # training: classic, [kept,] four fast; then 2 evaluation rows
     assert sum("channels_last" in row for row in rows) == 3 and sum("fp32" in row for row in rows) == 4 + cpu
-    conv_rows = [line.split() for line in lines if line.lstrip().startswith("conv")]
+    conv_rows = [line.split() for line in lines if line.lstrip().startswith("conv") and "GFLOP/s" in line]
     assert [row[0] for row in conv_rows] == ["conv1", "conv2", "conv3", "conv4"]
     assert "input" not in conv_rows[0] and all("input" in row for row in conv_rows[1:])  # images need no grad
     # ceiling = batch / seconds, both printed rounded to 0.1: the product is 64 to within what rounding allows
@@ -51,6 +51,16 @@ def test_bench_prints_table_then_json(mnist_root):
     assert abs(ceiling * ms / 1e3 - 64) <= (ceiling + ms) * 0.05 / 1e3 + 1e-9
     reached = re.search(r"the fast path reached (\d+)% of that", done.stdout)
     assert reached and abs(int(reached[1]) - 100 * figures["train_fast_amp_cl_img_s"] / ceiling) <= 1
+    # the profile: every layer's passes found by its shapes, and the rows add up to the profiled step
+    profiled = figures["profile_ms_per_batch"]
+    for part in ["conv1 forward", "conv1 backward", "conv2 pool forward", "conv2 pool backward", "conv4 pool forward",
+                 "fc1 forward, backward", "fc2 forward, backward", "loss", "optimizer SGD.step",
+                 "loader batch, augmentation"] + [f"conv{k} {p}" for k in (2, 3, 4) for p in ("forward", "backward")]:
+        assert profiled.get(part, 0) > 0, part
+    step_ms = float(re.search(r"([\d.]+) ms a batch under torch.profiler", done.stdout)[1])
+    assert sum(profiled.values()) == pytest.approx(step_ms, rel=0.01, abs=0.1)
+    share = re.search(r"convolutions (\d+)% of the profiled step, everything else (\d+)%", done.stdout)
+    assert share and int(share[1]) + int(share[2]) in (99, 100, 101)
     speedups = [k for k in figures if "_speedup_" in k]
     assert len(speedups) == 3 + cpu and sum("speedup" in line for line in lines[:-1]) == len(speedups)
     for key in speedups:
@@ -74,17 +84,14 @@ def test_defaults_are_the_seed_recipes_batch(monkeypatch):
     monkeypatch.setattr(bench_py, "bench", lambda args: given.update(vars(args)))
     bench_py.main([])
     assert given["batch_size"] == config.RECIPES["seed"].batch_size == 512
-    assert given["batches"] == 60 and given["target"] == 99.3 and given["device"] == "auto"
-    assert not given["compile"] and not given["time_to_target"]
+    assert given["batches"] == 60 and given["device"] == "auto"
+    assert not given["compile"] and not given["profile"]
 
 
 @pytest.mark.parametrize("flags,message", [
     (["--batches", "1"], "argument --batches: 1 is out of range: give 10 or more"),  # printed noise as 23x ratios
     (["--batch-size", "0"], "argument --batch-size: 0 is out of range: give 1 to 60000"),
-    (["--target", "250"], "argument --target: 250 is out of range: give a number above 0 and at most 100"),
-    (["--target", "0"], "argument --target: 0 is out of range"),
-    (["--target", "nan"], "argument --target: nan is out of range"),
-    (["--target", "high"], "argument --target: 'high' is not a number"),
+    (["--time-to-target"], "unrecognized arguments: --time-to-target"),  # a recipe's time and accuracy: sweep.py
     (["--device", "tpu"], "argument --device: unknown device 'tpu'"),  # s5's ConfigError, found before any work
     (["--seeds", "2"], "unrecognized arguments: --seeds 2"),  # accuracy over seeds is sweep.py's now
 ])
