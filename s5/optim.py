@@ -33,13 +33,15 @@ class LoggedStepLR(torch.optim.lr_scheduler.StepLR):
 
 def get_scheduler(optimizer, recipe, total_steps, verbose=False):
     """The recipe's StepLR (stepped once an epoch, logging its drops when `verbose`), or its OneCycleLR over
-    `total_steps` batches peaking at the recipe's lr (stepped once a batch)."""
+    `total_steps` batches peaking at the recipe's lr (stepped once a batch), the momentum (beta1) dipping from the
+    recipe's by 0.1 as the learning rate rises (torch's default cycle ignored the recipe's momentum)."""
     if recipe.scheduler == "StepLR":
         cls = LoggedStepLR if verbose else torch.optim.lr_scheduler.StepLR
         return cls(optimizer, step_size=recipe.step_size, gamma=recipe.gamma)
     check_one_cycle(total_steps, recipe.pct_start)
     return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=recipe.lr, total_steps=total_steps,
-                                               pct_start=recipe.pct_start)
+                                               pct_start=recipe.pct_start, max_momentum=recipe.momentum,
+                                               base_momentum=max(0.0, recipe.momentum - 0.1))
 
 
 def steps_per_batch(scheduler):

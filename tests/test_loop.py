@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -39,6 +41,25 @@ def test_get_optimizer_and_unknown_name():
         utils.get_optimizer(Net(), "RMSprop", 0.1, 0.9)
     with pytest.raises(ValueError, match="Nesterov momentum is SGD's"):
         utils.get_optimizer(Net(), "AdamW", 1e-3, 0.9, 0.0, True)
+
+
+@pytest.mark.parametrize("optimizer,key", [("AdamW", "betas"), ("SGD", "momentum")])
+def test_a_one_cycle_schedule_cycles_the_recipes_momentum(optimizer, key):
+    """beta1 (SGD: the momentum) starts at the recipe's momentum, is 0.1 lower at the peak learning rate and back at
+    the end; torch's default cycle (0.95 -> 0.85) ignored --momentum. The fast recipes keep their 0.95 -> 0.85."""
+    assert config.RECIPES["fast"].momentum == config.RECIPES["sprint"].momentum == 0.95
+    for momentum, low in ((0.8, 0.7), (0.95, 0.85), (0.05, 0.0)):
+        recipe = replace(config.RECIPES["fast"], optimizer=optimizer, momentum=momentum, epochs=1)
+        opt, sched, _ = optim.build_training(Net(), recipe, 100)
+        seen = []
+        for _ in range(100):
+            group = opt.param_groups[0]
+            seen.append((group["lr"], group[key][0] if key == "betas" else group[key]))
+            opt.step()
+            sched.step()
+        at_peak = max(seen)[1]  # the momentum where the learning rate peaks
+        assert seen[0][1] == pytest.approx(momentum) and at_peak == pytest.approx(low, abs=1e-9)
+        assert seen[-1][1] == pytest.approx(momentum, abs=1e-3)
 
 
 def test_get_scheduler_verbose_prints_the_change(capsys):
