@@ -111,9 +111,11 @@ def get_optimizer(model, optimizer_name="SGD", lr=0.01, momentum=0.9, weight_dec
 def get_scheduler(optimizer, step_size=15, gamma=0.1, verbose=False, *, name="StepLR", max_lr=None, total_steps=None,
                   pct_start=0.25):
     """StepLR(step_size, gamma) as in the original, stepped once per epoch (printing its drops when `verbose`); or
-    a OneCycleLR over `total_steps` batches peaking at `max_lr`, warming up for `pct_start` of them, every batch."""
-    recipe = Recipe("custom", 1, 1, max_lr or optimizer.param_groups[0]["lr"], scheduler=name, step_size=step_size,
-                    gamma=gamma, pct_start=pct_start)
+    a OneCycleLR over `total_steps` batches peaking at `max_lr`, warming up for `pct_start` of them, every batch, its
+    momentum (beta1) dipping 0.1 below the optimizer's own as the learning rate peaks."""
+    group = optimizer.param_groups[0]
+    recipe = Recipe("custom", 1, 1, max_lr or group["lr"], momentum=group["betas"][0] if "betas" in group else
+                    group.get("momentum", 0.0), scheduler=name, step_size=step_size, gamma=gamma, pct_start=pct_start)
     return _optim.get_scheduler(optimizer, recipe, Field(int, 1, none=True).check("total_steps", total_steps), verbose)
 
 

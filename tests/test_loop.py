@@ -62,6 +62,24 @@ def test_a_one_cycle_schedule_cycles_the_recipes_momentum(optimizer, key):
         assert seen[-1][1] == pytest.approx(momentum, abs=1e-3)
 
 
+def test_the_notebooks_optimizer_and_scheduler_cycle_the_momentum_as_a_run_does():
+    """utils.get_scheduler's one-cycle takes the optimizer's own momentum (beta1), as the notebook builds them, so
+    the notebook trains a one-cycle recipe with the run's schedule (0.95 -> 0.85 for `fast`), not 0.9's."""
+    fast = config.RECIPES["fast"]
+    opt = utils.get_optimizer(Net(), fast.optimizer, fast.lr, fast.momentum, fast.weight_decay)
+    sched = utils.get_scheduler(opt, name="OneCycleLR", max_lr=fast.lr, total_steps=100, pct_start=fast.pct_start)
+    run_opt, run_sched, _ = optim.build_training(Net(), replace(fast, epochs=1), 100)
+    for _ in range(100):
+        assert opt.param_groups[0]["betas"] == run_opt.param_groups[0]["betas"]
+        assert opt.param_groups[0]["lr"] == run_opt.param_groups[0]["lr"]
+        for o, s in ((opt, sched), (run_opt, run_sched)):
+            o.step()
+            s.step()
+    sgd = utils.get_optimizer(Net(), "SGD", 0.01, 0.8)
+    utils.get_scheduler(sgd, name="OneCycleLR", max_lr=0.1, total_steps=10)
+    assert sgd.param_groups[0]["momentum"] == pytest.approx(0.8)  # the optimizer's, where the cycle starts
+
+
 def test_get_scheduler_verbose_prints_the_change(capsys):
     opt = utils.get_optimizer(Net(), "SGD", 0.01, 0.9)
     sched = utils.get_scheduler(opt, 2, 0.1, True)  # the original's call shape, verbose included
