@@ -1,5 +1,6 @@
 """Device, precision, seeds and CPU memory reuse."""
 import platform
+import statistics
 import subprocess
 import sys
 
@@ -46,23 +47,23 @@ if sys.argv[1] == "keep":
     assert keep_freed_memory()
 for _ in range(3):
     torch.ones(64 << 20, dtype=torch.uint8)  # a training step's worth of buffers; the heap grows to fit
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(10):
-    torch.ones(64 << 20, dtype=torch.uint8)  # freed and allocated again, as step after step
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+for _ in range(10):  # freed and allocated again, as step after step: the page faults of each
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.ones(64 << 20, dtype=torch.uint8)
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="tunes glibc's malloc; a no-op elsewhere")
 def test_keep_freed_memory_reuses_big_buffers_instead_of_faulting_them_in_again():
-    def page_faults(mode):
+    def page_faults(mode):  # the median step's: on busy cores the heap can take a few more steps to settle
         run = subprocess.run([sys.executable, "-c", REALLOCATE, mode, str(REPO)], capture_output=True, text=True,
                              check=True)
-        return int(run.stdout.split()[-1])
+        return statistics.median(map(int, run.stdout.split()))
 
     default, kept = page_faults("default"), page_faults("keep")
-    assert default > 10 * 16, default  # fresh pages every time (16 is 64 MB in 2 MB huge pages)
-    assert kept < default / 4, (kept, default)  # at most a late heap extension or two
+    assert default >= 16, default  # fresh pages every step (16 is 64 MB in 2 MB huge pages)
+    assert kept < default / 4, (kept, default)  # most steps reuse the freed memory: no page faults
 
 
 def pretend_accelerator(monkeypatch, kind, count):
