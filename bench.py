@@ -76,10 +76,11 @@ def step_profile(model, loader, amp_dtype, batches):
             outputs.setdefault(tuple(shape), names[module])
     hooks = [m.register_forward_hook(seen) for m in names]
     stream = itertools.chain.from_iterable(itertools.repeat(loader))
-    for i, (x, y) in enumerate(itertools.islice(stream, 3)):  # warm-up; the first step also records the shapes
+    step(*next(stream))  # the first warm-up step records the shapes
+    for hook in hooks:
+        hook.remove()
+    for x, y in itertools.islice(stream, 2):  # two more warm-up steps
         step(x, y)
-        for hook in hooks if i == 0 else ():
-            hook.remove()
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         start = time.perf_counter()
         for _ in range(batches):
