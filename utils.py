@@ -104,7 +104,8 @@ def test(model, device, test_loader, criterion, test_losses, test_acc, *, amp_dt
 
 
 def get_optimizer(model, optimizer_name="SGD", lr=0.01, momentum=0.9, weight_decay=0.0, nesterov=False):
-    """SGD (the original's), Adam or AdamW; for Adam and AdamW `momentum` is their first beta."""
+    """SGD (the original's), Adam, AdamW or Muon (the hidden layers' weights by Muon, the rest by AdamW); for all
+    but SGD `momentum` is their first beta."""
     return _optim.get_optimizer(model, Recipe("custom", 1, 1, lr, optimizer_name, momentum, weight_decay, nesterov))
 
 

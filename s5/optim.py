@@ -1,6 +1,7 @@
 """What a recipe trains with: its optimizer, its learning-rate schedule and its loss (the values come checked)."""
 
 import logging
+import math
 
 import torch
 import torch.nn.functional as F
@@ -11,9 +12,62 @@ log = logging.getLogger(__name__)
 LOSSES = {"nll_loss": F.nll_loss, "cross_entropy": F.cross_entropy}
 
 
+class Muon(torch.optim.Optimizer):
+    """Muon (Keller Jordan, 2024) for the hidden layers' weights, AdamW for the rest, in one optimizer (so checkpoints,
+    the one-cycle's lr and beta1, and DDP take it as any other). A hidden weight's update is its gradient's Nesterov
+    momentum as a matrix (out × in·k·k), orthogonalised by five Newton-Schulz steps in bf16 and scaled by
+    0.2·√max(out, in·k·k) to AdamW's update size (Liu et al., 2025), so one learning rate serves both halves.
+    Param groups with `muon=False` (the input and output layers, the biases) step as AdamW."""
+
+    def __init__(self, groups, lr, betas, weight_decay, eps=1e-8, ns_steps=5):
+        super().__init__(groups, dict(lr=lr, betas=betas, weight_decay=weight_decay, eps=eps, muon=False))
+        self.ns_steps = ns_steps
+
+    @staticmethod
+    def orthogonalise(g, steps):
+        """The Newton-Schulz quintic of Jordan et al. (its coefficients, its bf16): g's singular values towards 1."""
+        x = g.bfloat16()
+        wide = x.size(0) <= x.size(1)
+        x = x if wide else x.T
+        x = x / x.norm().clamp(min=1e-7)
+        for _ in range(steps):
+            gram = x @ x.T
+            x = 3.4445 * x + (-4.7750 * gram + 2.0315 * gram @ gram) @ x
+        return (x if wide else x.T).to(g.dtype)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            (beta1, beta2), lr, decay = group["betas"], group["lr"], group["weight_decay"]
+            for p in (p for p in group["params"] if p.grad is not None):
+                grad, state = p.grad, self.state[p]
+                p.mul_(1 - lr * decay)
+                if group["muon"]:
+                    momentum = state.setdefault("momentum_buffer", torch.zeros_like(p)).lerp_(grad, 1 - beta1)
+                    matrix = grad.lerp(momentum, beta1).flatten(1)  # Nesterov
+                    scale = 0.2 * math.sqrt(max(matrix.shape))
+                    p.add_(self.orthogonalise(matrix, self.ns_steps).view_as(p), alpha=-lr * scale)
+                    continue
+                if not state:
+                    state.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+                state["step"] += 1
+                t = state["step"].item()
+                state["exp_avg"].lerp_(grad, 1 - beta1)
+                state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                denom = (state["exp_avg_sq"] / (1 - beta2 ** t)).sqrt_().add_(group["eps"])
+                p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1 ** t))
+
+
 def get_optimizer(model, recipe):
-    """SGD with momentum (and Nesterov), or Adam/AdamW with `momentum` as their first beta."""
+    """SGD with momentum (and Nesterov), Adam/AdamW with `momentum` as their first beta, or Muon: the weights of the
+    hidden layers (every weight of two or more dimensions but the first and the last) by Muon, the rest by AdamW."""
     params, lr, decay = model.parameters(), recipe.lr, recipe.weight_decay
+    if recipe.optimizer == "Muon":
+        weights = [p for p in model.parameters() if p.ndim >= 2]
+        hidden = {id(p) for p in weights[1:-1]}
+        groups = [dict(params=[p for p in model.parameters() if id(p) in hidden], muon=True),
+                  dict(params=[p for p in model.parameters() if id(p) not in hidden])]
+        return Muon(groups, lr=lr, betas=(recipe.momentum, 0.999), weight_decay=decay)
     if recipe.optimizer == "SGD":
         return torch.optim.SGD(params, lr=lr, momentum=recipe.momentum, weight_decay=decay, nesterov=recipe.nesterov)
     adam = torch.optim.Adam if recipe.optimizer == "Adam" else torch.optim.AdamW

@@ -279,7 +279,7 @@ def test_resume_never_fetches_into_the_data_folder_a_checkpoint_names(tmp_path, 
     assert not fetched and os.listdir(home) == ["notes.txt"] and not (tmp_path / "new").exists()
 
 
-@pytest.mark.parametrize("recipe", ["seed", "fast"])  # SGD and StepLR; AdamW and OneCycleLR
+@pytest.mark.parametrize("recipe", ["seed", "fast", "sprint"])  # SGD and StepLR; AdamW, Muon and OneCycleLR
 def test_what_we_save_we_load_and_wrapped_models(tmp_path, recipe):
     model, opt, sched = _trained_state(recipe)
     history = one_epoch_history()

@@ -1,3 +1,4 @@
+import copy
 from dataclasses import replace
 
 import pytest
@@ -43,7 +44,7 @@ def test_get_optimizer_and_unknown_name():
         utils.get_optimizer(Net(), "AdamW", 1e-3, 0.9, 0.0, True)
 
 
-@pytest.mark.parametrize("optimizer,key", [("AdamW", "betas"), ("SGD", "momentum")])
+@pytest.mark.parametrize("optimizer,key", [("AdamW", "betas"), ("Muon", "betas"), ("SGD", "momentum")])
 def test_a_one_cycle_schedule_cycles_the_recipes_momentum(optimizer, key):
     """beta1 (SGD: the momentum) starts at the recipe's momentum, is 0.1 lower at the peak learning rate and back at
     the end; torch's default cycle (0.95 -> 0.85) ignored --momentum. The fast recipes keep their 0.95 -> 0.85."""
@@ -60,6 +61,53 @@ def test_a_one_cycle_schedule_cycles_the_recipes_momentum(optimizer, key):
         at_peak = max(seen)[1]  # the momentum where the learning rate peaks
         assert seen[0][1] == pytest.approx(momentum) and at_peak == pytest.approx(low, abs=1e-9)
         assert seen[-1][1] == pytest.approx(momentum, abs=1e-3)
+
+
+def _steps(model, opt, grads):
+    """`opt` stepped once for each gradient set in `grads` (one tensor per parameter of `model`)."""
+    for step in grads:
+        for p, g in zip(model.parameters(), step):
+            p.grad = g.clone()
+        opt.step()
+
+
+def test_muon_orthogonalises_the_hidden_layers_and_leaves_the_rest_to_adamw():
+    """Muon's update of a hidden layer's weight is its gradient's momentum with every singular value brought near 1
+    (the raw gradient's spread over orders of magnitude), at AdamW's update size; the input and output layers and the
+    biases step as torch's AdamW does; a saved optimizer state resumes bit for bit."""
+    recipe = replace(config.RECIPES["fast"], optimizer="Muon")
+    set_seed(0)
+    model, twin = Net(), Net()
+    twin.load_state_dict(model.state_dict())
+    opt = optim.get_optimizer(model, recipe)
+    names = {id(p): name for name, p in model.named_parameters()}
+    assert [names[id(p)] for p in opt.param_groups[0]["params"]] == ["conv2.weight", "conv3.weight", "conv4.weight",
+                                                                    "fc1.weight"]
+    grads = [[torch.randn_like(p) * torch.logspace(0, -2, len(p)).view(-1, *[1] * (p.ndim - 1))
+              for p in model.parameters()] for _ in range(3)]
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    _steps(model, opt, grads[:1])
+    for (name, p), grad in zip(model.named_parameters(), grads[0]):
+        if name in ("conv2.weight", "conv4.weight", "fc1.weight"):
+            step = (before[name] * (1 - recipe.lr * recipe.weight_decay) - p.detach()).flatten(1)
+            step /= recipe.lr * 0.2 * max(step.shape) ** 0.5
+            raw, singular = torch.linalg.svdvals(grad.flatten(1)), torch.linalg.svdvals(step)
+            assert raw.max() / raw.min() > 30 and 0.5 < singular.min() and singular.max() < 1.3, (name, singular)
+    adamw = torch.optim.AdamW(twin.parameters(), lr=recipe.lr, betas=(recipe.momentum, 0.999),
+                              weight_decay=recipe.weight_decay)
+    _steps(twin, adamw, grads[:1])
+    _steps(model, opt, grads[1:])
+    _steps(twin, adamw, grads[1:])
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        same = name in ("conv1.weight", "fc2.weight") or name.endswith("bias")
+        assert torch.allclose(p, q, rtol=0, atol=1e-7) == same, name
+    resumed_model = Net()
+    resumed_model.load_state_dict(model.state_dict())
+    resumed = optim.get_optimizer(resumed_model, recipe)
+    resumed.load_state_dict(copy.deepcopy(opt.state_dict()))  # as from a file: no tensor shared
+    _steps(model, opt, grads)
+    _steps(resumed_model, resumed, grads)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), resumed_model.parameters()))
 
 
 def test_the_notebooks_optimizer_and_scheduler_cycle_the_momentum_as_a_run_does():
