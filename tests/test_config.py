@@ -75,7 +75,7 @@ def test_a_stronger_augmentation_needs_the_fast_loader():
 
 def test_an_epoch_of_fewer_images_sets_the_steps_and_needs_the_fast_loader():
     assert RunConfig.build("one-epoch", epoch_images=30000).steps_per_epoch == math.ceil(30000 / 64)
-    assert RunConfig.build("sprint").steps_per_epoch == math.ceil(27000 / 64)  # it ends mid-epoch
+    assert RunConfig.build("sprint").steps_per_epoch == math.ceil(24000 / 128)  # it ends mid-epoch
     assert RunConfig.build("one-epoch", epoch_images=30000, train_subset=1000).steps_per_epoch == math.ceil(1000 / 64)
     with pytest.raises(ConfigError) as err:
         RunConfig.build("fast", epoch_images=30000, loader="classic")
