@@ -87,6 +87,16 @@ def set_seed(seed, deterministic=False):
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 
+@functools.cache
+def native_bf16(device):
+    """Whether `device` computes bf16 natively, not emulated: a CUDA GPU from Ampere (8.0) on, a CPU with AVX512-BF16
+    or AMX."""
+    device = as_device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device) >= (8, 0)
+    return device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def amp_dtype_for(device, amp=None):
     """The autocast dtype to train with on `device`, or None for fp32. amp=None decides by hardware: bf16 on CPUs with
     native bf16 (AVX512-BF16/AMX), not emulated; fp32 on CUDA from Ampere (8.0) on (TF32 beats autocast's casts for a
@@ -97,7 +107,7 @@ def amp_dtype_for(device, amp=None):
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if device.type == "cpu":
-        return torch.bfloat16 if amp or torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
+        return torch.bfloat16 if amp or native_bf16(device) else None
     return (torch.float16 if device.type == "mps" else torch.bfloat16) if amp else None
 
 
