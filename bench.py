@@ -106,8 +106,8 @@ def step_profile(model, loader, amp_dtype, batches):
     return seconds, wall / batches
 
 
-def bench(args):
-    device, figures = get_device(args.device), {}
+def bench(args, device):
+    figures = {}
     splits = {train: mnist.load_split(train, args.data_dir) for train in (True, False)}
     amp = amp_dtype_for(device, True)  # mixed precision forced on (on a CPU, bf16 even where it is emulated)
 
@@ -195,9 +195,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         with cli.stop_like_ctrl_c():
-            if args.profile and get_device(args.device).type != "cpu":
+            device = get_device(args.device)
+            if args.profile and device.type != "cpu":
                 p.error("--profile times the CPU's ops: add --device cpu")
-            bench(args)
+            bench(args, device)
     except KeyboardInterrupt:
         cli.fail("interrupted", cli.EXIT_INTERRUPTED)
     except errors.UserError as e:

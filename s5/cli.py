@@ -129,7 +129,8 @@ def stop_like_ctrl_c(signals=(signal.SIGINT, signal.SIGTERM, signal.SIGHUP)):
     try:
         yield
     finally:
+        startup = sys.modules.get("s5.startup")  # imported by the entry points only (it sets handlers on import)
         for sig, handler in previous.items():
-            if getattr(handler, "__module__", None) == "s5.startup":  # start-up is over: Python's own handlers
+            if startup and handler is startup.stop:  # start-up is over: Python's own handlers
                 handler = signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL
             signal.signal(sig, handler)

@@ -102,7 +102,7 @@ def amp_dtype_for(device, amp=None):
     native bf16 (AVX512-BF16/AMX), not emulated; fp32 on CUDA from Ampere (8.0) on (TF32 beats autocast's casts for a
     net this small: docs/speed.md), else fp16; fp32 elsewhere (unmeasured). amp=False: fp32; True: bf16 (or fp16)."""
     device = as_device(device)
-    if amp is False or amp is None and device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0):
+    if amp is False or amp is None and device.type == "cuda" and native_bf16(device):
         return None
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16

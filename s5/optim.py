@@ -65,10 +65,9 @@ def get_optimizer(model, recipe):
     hidden layers (every weight of two or more dimensions but the first and the last) by Muon, the rest by AdamW."""
     params, lr, decay = model.parameters(), recipe.lr, recipe.weight_decay
     if recipe.optimizer == "Muon":
-        weights = [p for p in model.parameters() if p.ndim >= 2]
-        hidden = {id(p) for p in weights[1:-1]}
-        groups = [dict(params=[p for p in model.parameters() if id(p) in hidden], muon=True),
-                  dict(params=[p for p in model.parameters() if id(p) not in hidden])]
+        params = list(params)
+        hidden = [p for p in params if p.ndim >= 2][1:-1]
+        groups = [dict(params=hidden, muon=True), dict(params=[p for p in params if not any(p is h for h in hidden)])]
         return Muon(groups, lr=lr, betas=(recipe.momentum, 0.999), weight_decay=decay)
     if recipe.optimizer == "SGD":
         return torch.optim.SGD(params, lr=lr, momentum=recipe.momentum, weight_decay=decay, nesterov=recipe.nesterov)

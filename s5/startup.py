@@ -8,10 +8,10 @@ import signal
 from s5.errors import EXIT_INTERRUPTED
 
 
-def _stop(signum, frame):
+def stop(signum, frame):
     os.write(2, b"error: interrupted while starting; nothing was done\n")
     os._exit(EXIT_INTERRUPTED)
 
 
 for _signal in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-    signal.signal(_signal, _stop)
+    signal.signal(_signal, stop)

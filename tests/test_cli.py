@@ -106,3 +106,20 @@ def test_a_stop_signal_ends_the_block_as_ctrl_c_does(name):
         assert signal.getsignal(sig) is ignore  # and back after the block
     finally:
         signal.signal(sig, before)
+
+
+def test_after_the_block_start_ups_handlers_give_way_to_pythons_own():
+    import signal
+
+    import s5.startup  # an entry point's first import: its handlers end the program at once while torch imports
+
+    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    before = {sig: signal.signal(sig, s5.startup.stop) for sig in signals}
+    try:
+        with cli.stop_like_ctrl_c():
+            pass
+        assert [signal.getsignal(sig) for sig in signals] == [signal.default_int_handler, signal.SIG_DFL,
+                                                              signal.SIG_DFL]
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)

@@ -9,7 +9,15 @@ import torch
 from conftest import REPO
 
 from model import Net
-from s5.device import amp_dtype_for, channels_last_for, get_device, out_of_memory_typed, pins_memory, set_seed
+from s5.device import (
+    amp_dtype_for,
+    channels_last_for,
+    get_device,
+    native_bf16,
+    out_of_memory_typed,
+    pins_memory,
+    set_seed,
+)
 
 
 def test_amp_dtype_choice():
@@ -19,12 +27,20 @@ def test_amp_dtype_choice():
     assert amp_dtype_for("cpu") is (torch.bfloat16 if native else None)
 
 
+@pytest.fixture
+def uncached_native_bf16():
+    """native_bf16 caches each device's answer; these tests change the device under it."""
+    native_bf16.cache_clear()
+    yield
+    native_bf16.cache_clear()
+
+
 @pytest.mark.parametrize("capability, bf16, default, forced", [
     ((9, 0), True, None, torch.bfloat16),       # H100: TF32 convolutions, autocast measured slower
     ((8, 0), True, None, torch.bfloat16),       # A100
     ((7, 5), False, torch.float16, torch.float16),  # T4: no TF32, no bf16: fp16 with a GradScaler
 ])
-def test_amp_dtype_choice_on_cuda(monkeypatch, capability, bf16, default, forced):
+def test_amp_dtype_choice_on_cuda(monkeypatch, uncached_native_bf16, capability, bf16, default, forced):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
     assert amp_dtype_for("cuda") is default
