@@ -165,7 +165,8 @@ def read_resumable(path, model):
 
 def _check_like(saved, fresh, name):
     """ConfigError naming the first place where `saved` is not built like `fresh`: type (a whole number may be a
-    float's), keys, length, tensor shape and dtype, names (str); numbers finite, and in range under a field's name."""
+    float's), keys, length, tensor shape and dtype, names and switches (str, bool) equal; numbers finite, and in range
+    under a field's name."""
     if type(saved) is not type(fresh) and (type(saved), type(fresh)) != (int, float):
         raise ConfigError(name, f"{type(saved).__name__} where a run has {type(fresh).__name__}")
     if isinstance(fresh, torch.Tensor) and (saved.shape, saved.dtype) != (fresh.shape, fresh.dtype):
@@ -177,8 +178,8 @@ def _check_like(saved, fresh, name):
             raise ConfigError(name, f"{'no' if first in keys else 'unexpected'} {what} {first}")
         for key in keys:
             _check_like(saved[key], fresh[key], f"{name}.{key}")
-    elif isinstance(fresh, str) and saved != fresh:
-        raise ConfigError(name, f"{saved[:40]!r} where a run has {fresh!r}")
+    elif isinstance(fresh, (str, bool)) and saved != fresh:  # a name, a switch (Nesterov, a Muon group): as built
+        raise ConfigError(name, f"{(saved if isinstance(saved, bool) else saved[:40])!r} where a run has {fresh!r}")
     elif isinstance(fresh, (int, float)) and not isinstance(fresh, bool):
         FIELDS.get(name.rpartition(".")[2], Field(float, -math.inf)).check(name, saved)
 

@@ -239,6 +239,7 @@ CRAFTED = [
     ("seed", "optimizer.param_groups.0.lr: str where a run has float", lambda s: _group(s, lr="abc")),
     ("seed", "optimizer.param_groups.0.momentum: 1.5 is out of range", lambda s: _group(s, momentum=1.5)),
     ("seed", "optimizer.param_groups.0.params", lambda s: _group(s, params=[0])),
+    ("seed", "optimizer.param_groups.0.nesterov: True where a run has False", lambda s: _group(s, nesterov=True)),
     ("fast", "optimizer.state.11.exp_avg_sq: torch.float32 [10, 10] where",
      lambda s: s["optimizer"]["state"][11].update(exp_avg_sq=torch.zeros(10, 10))),
     ("fast", "optimizer.state.0.step: float where a run has Tensor",
@@ -248,6 +249,9 @@ CRAFTED = [
     ("fast", "scheduler._schedule_phases", lambda s: s["scheduler"].update(_schedule_phases=[])),
     ("fast", "scheduler._schedule_phases.1.end_lr: 'evil' where a run has 'min_lr'",
      lambda s: s["scheduler"]["_schedule_phases"][1].update(end_lr="evil")),
+    ("sprint", "optimizer.param_groups.0.muon: False where a run has True", lambda s: _group(s, muon=False)),
+    ("sprint", "optimizer.param_groups.1.muon: True where a run has False",
+     lambda s: s["optimizer"]["param_groups"][1].update(muon=True)),
 ]
 
 
