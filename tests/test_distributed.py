@@ -62,8 +62,9 @@ def test_two_processes_train_as_one(tmp_path, mnist_root):
             assert abs(float(rb[key]) - float(ra[key])) <= 0.05 + 1e-9, (key, ra, rb)
     wa, wb = torch.load(tmp_path / "one" / "model.pt"), torch.load(tmp_path / "two" / "model.pt")
     assert list(wa) == list(wb) and not any(k.startswith("module.") for k in wb)  # loadable by one process
-    for k in wa:
-        torch.testing.assert_close(wb[k], wa[k], rtol=1e-3, atol=1e-5)
+    for k in wa:  # (one process on one thread, OMP_NUM_THREADS=1, picks other kernels again: two of conv2's 18,432
+        # weights, both near 0, ended 1.1e-5 apart; the weights are of order 0.1)
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-3, atol=3e-5)
     # a run saved under torchrun resumes in one process
     more = run_train("--resume", tmp_path / "two" / "last.pt", "--epochs", "3")
     assert more.returncode == 0, more.stderr
@@ -100,6 +101,15 @@ def test_a_killed_process_ends_the_group_and_the_run_resumes(tmp_path, mnist_roo
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming {out / 'last.pt'} at epoch {epoch + 1}" in resumed.stdout
     assert [r["epoch"] for r in read_metrics(out / "metrics.csv")] == ["1", "2", "3"]
+
+
+def test_an_empty_share_of_a_last_batch_under_mixed_precision(tmp_path, mnist_root):
+    """641 images at batch 128: the last batch has one image, so one process has none; under bf16 autocast its
+    stand-in loss is bf16, and the gradient's scaling must keep that dtype (it was a crash on both processes)."""
+    done = torchrun("--no-progress", "--amp", "--recipe", "fast", "--epochs", "1", "--train-subset", "641",
+                    "--data-dir", mnist_root, "--out", tmp_path / "out", timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "weights identical in all 2 processes" in done.stdout
 
 
 def test_divergence_stops_every_process_at_once(tmp_path, mnist_root):
