@@ -43,7 +43,7 @@ _FAST_KWARGS = {"batch_size", "shuffle", "drop_last", "num_workers", "pin_memory
 
 
 def get_MNISTdataset_with_loader(datasettype, kwargs=None, loader="fast", data_dir=None, device=None, subset=None,
-                                 seed=None, checksums=_MNIST_MD5, shard=(0, 1), augment="classic"):
+                                 seed=None, checksums=_MNIST_MD5, shard=(0, 1), augment="classic", epoch_images=None):
     """The loader for the 'train' or 'test' split, from DataLoader-style kwargs (batch_size, shuffle, drop_last,
     num_workers, pin_memory, ...), as the original notebook called it.
 
@@ -51,7 +51,9 @@ def get_MNISTdataset_with_loader(datasettype, kwargs=None, loader="fast", data_d
     when there is one), augmenting whole batches there; loader='classic' the original DataLoader with per-image PIL
     transforms. Both read the same verified files. `subset` keeps the first N images; `seed` fixes the shuffling
     and augmentation; `shard=(rank, world_size)` gives process `rank` its share of every global batch; `augment`
-    names the training augmentation (a recipe's: "classic", or with the fast loader "affine", "elastic").
+    names the training augmentation (a recipe's: "classic", or with the fast loader "affine", "elastic");
+    `epoch_images` (the fast loader's, a recipe's: sprint's 24,000) ends each epoch after the first N of its shuffled
+    images, None every image.
     """
     Field(str, choices=("train", "test")).check("datasettype", datasettype)
     options = dict(kwargs or {})
@@ -60,6 +62,9 @@ def get_MNISTdataset_with_loader(datasettype, kwargs=None, loader="fast", data_d
         raise ConfigError("kwargs", f"the fast loader does not take {sorted(set(options) - _FAST_KWARGS)}: use "
                                     "loader='classic' for those")
     workers = FIELDS["workers"].check("num_workers", options.pop("num_workers", 0))
+    if check("epoch_images", epoch_images) and (loader == "classic" or datasettype == "test"):
+        raise ConfigError("epoch_images", "the classic loader trains on whole epochs, and the test split is read "
+                                          "whole: give it to the fast loader of the 'train' split")
     if loader == "classic" and batch_size % shard[1]:
         raise ConfigError("batch_size", f"{batch_size} does not split evenly over {shard[1]} processes: give a "
                                         f"multiple of {shard[1]} for the classic loader")
@@ -70,7 +75,8 @@ def get_MNISTdataset_with_loader(datasettype, kwargs=None, loader="fast", data_d
     return make_loader(images[:subset], labels[:subset], batch_size, datasettype == "train", loader,
                        get_device(None) if device is None else as_device(device), seed=seed, num_workers=workers,
                        pin_memory=pin, drop_last=drop_last, shuffle=shuffle, shard=shard,
-                       augment=check("augment", augment), **(options if loader == "classic" else {}))
+                       augment=check("augment", augment), **(options if loader == "classic" else {}),
+                       limit=epoch_images)
 
 
 def GetCorrectPredCount(pPrediction, pLabels):

@@ -250,3 +250,15 @@ def test_the_notebooks_loader_takes_the_recipes_augmentation(tiny_mnist):
     assert get_MNISTdataset_with_loader("test", kwargs, augment="affine", **files).augment is None  # never the test
     with pytest.raises(ValueError, match="the classic loader has the original's augmentation only"):
         get_MNISTdataset_with_loader("train", kwargs, loader="classic", augment="affine", **files)
+
+
+def test_the_notebooks_loader_takes_a_recipes_epoch_images(tiny_mnist):
+    """S5.ipynb passes recipe.epoch_images: sprint's epoch ends after that many images, as train.py's does."""
+    root, checksums = tiny_mnist
+    loader = get_MNISTdataset_with_loader("train", {"batch_size": 8, "shuffle": True}, data_dir=root,
+                                          checksums=checksums, device="cpu", seed=1, epoch_images=20)
+    assert len(loader) == 3 and sum(len(y) for _, y in loader) == 20
+    for bad in ({"loader": "classic"}, {"datasettype": "test"}, {"epoch_images": 0}):
+        with pytest.raises(ValueError, match="epoch_images: "):
+            get_MNISTdataset_with_loader(bad.pop("datasettype", "train"), {"batch_size": 8}, data_dir=root,
+                                         checksums=checksums, **{"epoch_images": 20, **bad})

@@ -89,7 +89,7 @@ def test_on_colab_the_first_cell_clones_the_repo_and_the_notebook_runs_from_it(m
     colab.mkdir()
     digits.mkdir()
     monkeypatch.setenv("S5_REPO_URL", str(origin))
-    for name, value in {"S5_RECIPE": "fast", "S5_EPOCHS": "1", "S5_TRAIN_SUBSET": "1024", "S5_PROGRESS": "0",
+    for name, value in {"S5_RECIPE": "sprint", "S5_EPOCHS": "1", "S5_TRAIN_SUBSET": "1024", "S5_PROGRESS": "0",
                         "S5_DEMO": "0", "S5_DATA_DIR": str(mnist_root), "S5_MY_DIGITS": str(digits)}.items():
         monkeypatch.setenv(name, value)
     monkeypatch.delenv("PYTHONPATH", raising=False)  # the clone's files, not this checkout's, are imported
