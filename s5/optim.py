@@ -23,6 +23,10 @@ class Muon(torch.optim.Optimizer):
 
     def __init__(self, groups, lr, betas, weight_decay, eps=1e-8, ns_steps=5):
         super().__init__(groups, dict(lr=lr, betas=betas, weight_decay=weight_decay, eps=eps, muon=False))
+        params = [p for group in self.param_groups for p in group["params"]]
+        if not params or any(p.is_complex() for p in params):
+            raise ValueError("Muon got an empty parameter list" if not params else "Muon steps real parameters only: "
+                             "use AdamW for a model with complex ones")
         self.ns_steps = ns_steps
 
     @staticmethod
@@ -39,13 +43,19 @@ class Muon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
         for group in self.param_groups:
             (beta1, beta2), lr, decay = group["betas"], group["lr"], group["weight_decay"]
             for p in (p for p in group["params"] if p.grad is not None):
                 grad, state = p.grad, self.state[p]
                 p.mul_(1 - lr * decay)
                 if group["muon"]:
-                    momentum = state.setdefault("momentum_buffer", torch.zeros_like(p)).lerp_(grad, 1 - beta1)
+                    if not state:
+                        state["momentum_buffer"] = torch.zeros_like(p)
+                    momentum = state["momentum_buffer"].lerp_(grad, 1 - beta1)
                     matrix = grad.lerp(momentum, beta1).flatten(1)  # Nesterov
                     scale = 0.2 * math.sqrt(max(matrix.shape))
                     p.add_(self.orthogonalise(matrix, self.ns_steps).view_as(p), alpha=-lr * scale)
@@ -58,11 +68,13 @@ class Muon(torch.optim.Optimizer):
                 state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
                 denom = (state["exp_avg_sq"] / (1 - beta2 ** t)).sqrt_().add_(group["eps"])
                 p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1 ** t))
+        return loss
 
 
 def get_optimizer(model, recipe):
     """SGD with momentum (and Nesterov), Adam/AdamW with `momentum` as their first beta, or Muon: the weights of the
-    hidden layers (every weight of two or more dimensions but the first and the last) by Muon, the rest by AdamW."""
+    hidden layers (every weight of two or more dimensions but the first and the last, in model.parameters()' order:
+    a module's own, then its children's in the order __init__ assigned them) by Muon, the rest by AdamW."""
     params, lr, decay = model.parameters(), recipe.lr, recipe.weight_decay
     if recipe.optimizer == "Muon":
         params = list(params)

@@ -110,6 +110,27 @@ def test_muon_orthogonalises_the_hidden_layers_and_leaves_the_rest_to_adamw():
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), resumed_model.parameters()))
 
 
+def test_muon_on_a_notebooks_own_models():
+    """A closure is evaluated and its loss returned, as torch's optimizers do; a model with nothing to step, or with
+    complex parameters (which the AdamW half would square, not |g|²), is refused in one line."""
+    recipe = config.RECIPES["sprint"]
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+    opt, x = optim.get_optimizer(model, recipe), torch.randn(16, 4)
+    before, loss_before = [p.detach().clone() for p in model.parameters()], model(x).square().mean().item()
+
+    def closure():
+        opt.zero_grad()
+        loss = model(x).square().mean()
+        loss.backward()
+        return loss
+    assert opt.step(closure).item() == loss_before
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    for bad, match in ((torch.nn.Module(), "empty parameter list"),
+                       (torch.nn.Linear(3, 3, dtype=torch.complex64), "real parameters only")):
+        with pytest.raises(ValueError, match=match):
+            optim.get_optimizer(bad, recipe)
+
+
 def test_muon_orthogonalises_in_bf16_only_where_the_device_has_it_natively(monkeypatch):
     """Where bf16 is emulated (CPUs without AVX512-BF16 or AMX) it took 30 times fp32's time: fp32 there."""
     g = torch.randn(64, 288)
