@@ -156,6 +156,10 @@ class Recipe:
             muon = self.optimizer == "Muon"
             raise ConfigError("nesterov", "Muon's momentum is always Nesterov's: leave it off" if muon else
                               f"Nesterov momentum is SGD's, not {self.optimizer}'s: use SGD, or leave it off")
+        if self.optimizer in ("AdamW", "Muon") and self.lr * self.weight_decay >= 1:  # (decoupled: w *= 1 - lr·wd)
+            raise ConfigError("weight_decay", f"{self.weight_decay:g} at lr {self.lr:g} would scale every weight by "
+                                              f"{1 - self.lr * self.weight_decay:g} a step: give less than "
+                                              f"{1 / self.lr:g} (the recipes use 5e-4)")
 
     def warmup_steps(self, steps_per_epoch):
         """Optimizer steps before the learning rate peaks: one-cycle's warm-up; none for a step schedule."""

@@ -20,6 +20,7 @@ def test_recipes():
     ({"lr": -1}, "lr"), ({"momentum": 2}, "momentum"), ({"epoch": 3}, "epoch"), ({"pct_start": 0}, "pct_start"),
     ({"pct_start": 1.5}, "pct_start"), ({"step_size": 0}, "step_size"), ({"epochs": True}, "epochs"),
     ({"augment": "rotate"}, "augment"), ({"augment": 5}, "augment"), ({"tta": "yes"}, "tta"),
+    ({"weight_decay": 1000}, "weight_decay"),  # AdamW's decay at lr 3e-3: every weight times -2 a step
 ])
 def test_get_recipe_refuses_impossible_values(overrides, field):
     with pytest.raises(ConfigError) as err:
