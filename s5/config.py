@@ -158,8 +158,8 @@ class Recipe:
                               f"Nesterov momentum is SGD's, not {self.optimizer}'s: use SGD, or leave it off")
         if self.optimizer in ("AdamW", "Muon") and self.lr * self.weight_decay >= 1:  # (decoupled: w *= 1 - lr·wd)
             raise ConfigError("weight_decay", f"{self.weight_decay:g} at lr {self.lr:g} would scale every weight by "
-                                              f"{1 - self.lr * self.weight_decay:g} a step: give less than "
-                                              f"{1 / self.lr:g} (the recipes use 5e-4)")
+                                              f"{1 - self.lr * self.weight_decay:g} a step: lr × weight decay must "
+                                              "stay below 1 (the recipes: 5e-4 at 3e-3)")
 
     def warmup_steps(self, steps_per_epoch):
         """Optimizer steps before the learning rate peaks: one-cycle's warm-up; none for a step schedule."""

@@ -12,6 +12,7 @@ import pytest
 from conftest import REPO
 
 from s5 import config, data
+from s5.device import get_device
 
 pytestmark = pytest.mark.slow  # each test starts bench.py
 COMPILER = shutil.which("c++") or shutil.which("g++")  # torch.compile on the CPU needs one
@@ -81,10 +82,10 @@ def test_defaults_are_the_seed_recipes_batch(monkeypatch):
     import bench as bench_py
 
     given = {}
-    monkeypatch.setattr(bench_py, "bench", lambda args: given.update(vars(args)))
+    monkeypatch.setattr(bench_py, "bench", lambda args, device: given.update(vars(args), resolved=device))
     bench_py.main([])
     assert given["batch_size"] == config.RECIPES["seed"].batch_size == 512
-    assert given["batches"] == 60 and given["device"] == "auto"
+    assert given["batches"] == 60 and given["device"] == "auto" and given["resolved"] == get_device("auto")
     assert not given["compile"] and not given["profile"]
 
 
