@@ -136,10 +136,10 @@ def share_weighted(ctx, loss_fn):
         return loss_fn
 
     def weighted(output, target):
-        n_global = all_sum(ctx, torch.tensor(len(target), device=output.device))[0].item()
+        n_global = all_sum(ctx, torch.tensor(len(target), device=output.device))[0]
         loss = loss_fn(output, target) if len(target) else output.sum() * 0.0  # (an empty share's is bf16 under amp)
-        scale = len(target) * ctx.world_size / n_global  # a Python number: the gradient keeps the loss's dtype
-        loss.register_hook(lambda grad: grad * scale)
+        scale = len(target) * ctx.world_size / n_global  # on the device: no wait for the GPU every step
+        loss.register_hook(lambda grad: grad * scale.to(grad.dtype))  # the gradient keeps the loss's dtype
         return loss
     return weighted
 
